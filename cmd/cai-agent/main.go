@@ -1,0 +1,125 @@
+// Command cai-agent is the attestation agent and model decryptor for confidential AI
+// inference. All logic lives in the library packages; this file only wires the CLI.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+)
+
+func main() { os.Exit(Main()) }
+
+// Main runs cai-agent with the process's arguments and standard streams and returns the exit
+// code. It is separate from main so that testscript can run the CLI in-process.
+func Main() int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return run(ctx, os.Args, os.Stdin, os.Stdout, os.Stderr)
+}
+
+// run executes one CLI invocation. Errors are printed once, on stderr, and mapped to the
+// documented exit codes (see exitcodes.go and the README).
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	app := newApp(stdin, stdout, stderr)
+	err := app.RunContext(ctx, args)
+	if err == nil {
+		return ExitOK
+	}
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) && ec.ExitCode() == ExitOK {
+		return ExitOK
+	}
+	fmt.Fprintf(stderr, "cai-agent: %v\n", err)
+	return exitCode(err)
+}
+
+func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
+	app := &cli.App{
+		Name:                 "cai-agent",
+		Usage:                "attestation agent and model decryptor for confidential AI inference in Intel TDX",
+		Version:              version,
+		Reader:               stdin,
+		Writer:               stdout,
+		ErrWriter:            stderr,
+		EnableBashCompletion: true,
+		Flags: []cli.Flag{
+			&cli.StringFlag{
+				Name:    "tee",
+				Usage:   "TEE to use: auto (TDX if configfs-tsm reports tdx_guest), tdx, or sample (development only)",
+				Value:   "auto",
+				EnvVars: []string{"CAI_TEE"},
+			},
+			&cli.StringFlag{
+				Name:    "state-dir",
+				Usage:   "directory for the event log, its write-ahead record and the sample TEE's state",
+				Value:   "/run/cai-agent",
+				EnvVars: []string{"CAI_STATE_DIR"},
+			},
+			&cli.StringFlag{
+				Name:    "log-level",
+				Usage:   "debug, info, warn or error",
+				Value:   "info",
+				EnvVars: []string{"CAI_LOG_LEVEL"},
+			},
+			&cli.BoolFlag{
+				Name:    "log-json",
+				Usage:   "log as JSON lines on stderr",
+				EnvVars: []string{"CAI_LOG_JSON"},
+			},
+		},
+		Before: func(c *cli.Context) error {
+			return setupLogging(c, stderr)
+		},
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return usageError{err}
+		},
+		// Errors are printed by run, once.
+		ExitErrHandler: func(*cli.Context, error) {},
+	}
+	for _, cmds := range [][]*cli.Command{
+		cryptoCommands(),
+		evidenceCommands(),
+		verifyCommands(),
+		kbcCommands(),
+		agentCommands(),
+		serveCommands(),
+	} {
+		app.Commands = append(app.Commands, cmds...)
+	}
+	for _, cmd := range app.Commands {
+		setUsageErrorHandler(cmd)
+	}
+	return app
+}
+
+func setUsageErrorHandler(cmd *cli.Command) {
+	cmd.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+	for _, sub := range cmd.Subcommands {
+		setUsageErrorHandler(sub)
+	}
+}
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func setupLogging(c *cli.Context, stderr io.Writer) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return usagef("--log-level: %v", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(stderr, opts)
+	if c.Bool("log-json") {
+		h = slog.NewJSONHandler(stderr, opts)
+	}
+	slog.SetDefault(slog.New(h))
+	return nil
+}
