@@ -1,0 +1,266 @@
+package eventlog_test
+
+import (
+	"bytes"
+	"crypto/sha512"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-tdx-guest/abi"
+	pb "github.com/google/go-tdx-guest/proto/tdx"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/eventlog"
+	"github.com/cai-agent/cai-agent/evidence/internal/tcg"
+)
+
+func fixture(t testing.TB, rel string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", "testdata", rel))
+	require.NoError(t, err)
+	return b
+}
+
+func unhex(t testing.TB, s string) []byte {
+	t.Helper()
+	b, err := hex.DecodeString(s)
+	require.NoError(t, err)
+	return b
+}
+
+// The attestation-agent vector (guest-components eventlog test_event_digest).
+func TestAAELDigestVector(t *testing.T) {
+	ev := evidence.Event{Domain: "domain", Operation: "operation", Content: "content"}
+	d := evidence.AAELDigest(ev)
+	assert.Equal(t, "dad5f0e226318ffa9839b75a472c6aa7fdb5834949d0a0a22990cf04d5692440fb00f3aa0609db7e49cd8d793f670d02", hex.EncodeToString(d[:]))
+
+	rec := eventlog.EncodeAAEL(ev)
+	recs, err := eventlog.Parse(rec)
+	require.NoError(t, err)
+	require.Len(t, recs, 1)
+	assert.EqualValues(t, 4, recs[0].MRIndex)
+	assert.EqualValues(t, 6, recs[0].Type)
+	assert.Equal(t, d[:], recs[0].SHA384())
+	assert.Equal(t, &ev, recs[0].AAEL)
+	// Byte layout: MR index ‖ type ‖ count ‖ alg ‖ digest ‖ size ‖ "LEAA" ‖ len ‖ text.
+	want := unhex(t, "04000000"+"06000000"+"01000000"+"0c00"+hex.EncodeToString(d[:])+"20000000"+"4c454141"+"18000000")
+	want = append(want, "domain operation content"...)
+	assert.Equal(t, want, rec)
+}
+
+func quoteRTMRs(t *testing.T, raw []byte) [][]byte {
+	t.Helper()
+	q, err := abi.QuoteToProto(raw)
+	require.NoError(t, err)
+	switch q := q.(type) {
+	case *pb.QuoteV4:
+		return q.GetTdQuoteBody().GetRtmrs()
+	case *pb.QuoteV5:
+		return q.GetTdQuoteBodyDescriptor().GetTdQuoteBodyV5().GetRtmrs()
+	}
+	t.Fatalf("unexpected quote type %T", q)
+	return nil
+}
+
+// The COS-113 CCEL replays to its quote's RTMR0..2 (RTMR3 unused, zero).
+func TestReplayCOS113AgainstQuote(t *testing.T) {
+	recs, err := eventlog.Parse(fixture(t, "tdx/cos-113-ccel_data.dat"))
+	require.NoError(t, err)
+	mr, err := eventlog.Replay(recs)
+	require.NoError(t, err)
+	rtmrs := quoteRTMRs(t, fixture(t, "tdx/cos-113-tdx-quote.dat"))
+	for i := 0; i < 4; i++ {
+		assert.Equal(t, hex.EncodeToString(rtmrs[i]), hex.EncodeToString(mr[i][:]), "RTMR%d", i)
+	}
+	assert.Equal(t, make([]byte, 48), mr[3][:])
+}
+
+// Trustee's CCEL_data fixture replays to the values in Trustee's own test (lib.rs test_rtmr_integrity).
+func TestReplayTrusteeCCELData(t *testing.T) {
+	recs, err := eventlog.Parse(fixture(t, "eventlogs/trustee-CCEL_data"))
+	require.NoError(t, err)
+	mr, err := eventlog.Replay(recs)
+	require.NoError(t, err)
+	assert.Equal(t, "2dc712306a963eadb894ad47dbaa17df44814151555aee11cbb843becca88950ffd079664902e6f22c66f7c8213543f4", hex.EncodeToString(mr[0][:]))
+	assert.Equal(t, "0fa3be56af61208bbd179dc7b124988eb929319154663c539d6f46445ecac2fec287075047ff7bd1922829fec28cd3cf", hex.EncodeToString(mr[1][:]))
+	assert.Equal(t, make([]byte, 48), mr[2][:])
+	assert.Equal(t, make([]byte, 48), mr[3][:])
+}
+
+type trusteeOut struct {
+	Logs []struct {
+		Details struct {
+			Data *struct {
+				Domain    string          `json:"domain"`
+				Operation string          `json:"operation"`
+				Content   json.RawMessage `json:"content"`
+			} `json:"data"`
+			String *string `json:"string"`
+		} `json:"details"`
+		Digests []struct {
+			Alg    string `json:"alg"`
+			Digest string `json:"digest"`
+		} `json:"digests"`
+		Event    string `json:"event"`
+		Index    uint32 `json:"index"`
+		TypeName string `json:"type_name"`
+	} `json:"uefi_event_logs"`
+}
+
+// Every event of Trustee's CCEL_AAEL fixture parses as Trustee parses it (index, digests,
+// event bytes), and its two AAEL events carry their domain/operation/content.
+func TestParseTrusteeAAELFixture(t *testing.T) {
+	for _, name := range []string{"trustee-CCEL_AAEL_alibabacloud", "trustee-CCEL_data"} {
+		t.Run(name, func(t *testing.T) {
+			recs, err := eventlog.Parse(fixture(t, "eventlogs/"+name))
+			require.NoError(t, err)
+			var want trusteeOut
+			require.NoError(t, json.Unmarshal(fixture(t, "eventlogs/"+name+"_out.json"), &want))
+			require.Len(t, recs, len(want.Logs))
+			var aael []*evidence.Event
+			for i, w := range want.Logs {
+				r := recs[i]
+				assert.Equal(t, w.Index, r.MRIndex, "event %d", i)
+				assert.Equal(t, w.Event, base64.StdEncoding.EncodeToString(r.Data), "event %d", i)
+				require.Len(t, r.Digests, len(w.Digests), "event %d", i)
+				for _, d := range w.Digests {
+					require.Equal(t, "SHA-384", d.Alg)
+					assert.Equal(t, d.Digest, hex.EncodeToString(r.SHA384()), "event %d", i)
+				}
+				if w.Details.Data != nil {
+					require.NotNil(t, r.AAEL, "event %d", i)
+					assert.Equal(t, "EV_EVENT_TAG", w.TypeName)
+					assert.EqualValues(t, eventlog.EvEventTag, r.Type)
+					assert.Equal(t, w.Details.Data.Domain, r.AAEL.Domain)
+					assert.Equal(t, w.Details.Data.Operation, r.AAEL.Operation)
+					assert.Equal(t, *w.Details.String, r.AAEL.Text())
+					d := evidence.AAELDigest(*r.AAEL)
+					assert.Equal(t, d[:], r.SHA384(), "AAEL digest is the tagged-event hash")
+					aael = append(aael, r.AAEL)
+				} else {
+					assert.Nil(t, r.AAEL, "event %d", i)
+				}
+			}
+			if name == "trustee-CCEL_AAEL_alibabacloud" {
+				require.Len(t, aael, 2)
+				assert.Equal(t, evidence.Event{Domain: "coco.com", Operation: "some-operation", Content: "some-content"}, *aael[0])
+				assert.Equal(t, evidence.Event{Domain: "coco.com", Operation: "some-operation",
+					Content: `{"key": "value", "nested-key": {"sub-key": "value"}}`}, *aael[1])
+				d := aael[0]
+				dg := evidence.AAELDigest(*d)
+				assert.Equal(t, "2330183d89750c6a374a", hex.EncodeToString(dg[:10]))
+			}
+		})
+	}
+}
+
+// A log built as cai-agent builds cc_eventlog (CCEL trimmed ‖ our records ‖ 8×FF) parses, and
+// its RTMR3 replay equals the fold of our digests.
+func TestJoinedLog(t *testing.T) {
+	ccel, err := eventlog.Trim(fixture(t, "tdx/cos-113-ccel_data.dat"))
+	require.NoError(t, err)
+	base, err := eventlog.Parse(ccel)
+	require.NoError(t, err)
+	evs := []evidence.Event{
+		{Domain: evidence.Domain, Operation: evidence.OpBinary, Content: `{"path":"/usr/bin/ollama","sha384":"00"}`},
+		{Domain: evidence.Domain, Operation: evidence.OpModel, Content: `{"manifest_sha256":"ab","name":"tinyllama"}`},
+	}
+	joined := append([]byte{}, ccel...)
+	var rtmr3 [48]byte
+	for _, ev := range evs {
+		joined = append(joined, eventlog.EncodeAAEL(ev)...)
+		d := evidence.AAELDigest(ev)
+		rtmr3 = sha512.Sum384(append(rtmr3[:], d[:]...))
+	}
+	joined = append(joined, bytes.Repeat([]byte{0xFF}, 8)...)
+	recs, err := eventlog.Parse(joined)
+	require.NoError(t, err)
+	require.Len(t, recs, len(base)+2)
+	assert.Equal(t, evs[1], *recs[len(recs)-1].AAEL)
+	mr, err := eventlog.Replay(recs)
+	require.NoError(t, err)
+	assert.Equal(t, rtmr3, mr[3])
+	rtmrs := quoteRTMRs(t, fixture(t, "tdx/cos-113-tdx-quote.dat"))
+	assert.Equal(t, rtmrs[0], mr[0][:])
+
+	// Without a CCEL: the minimal Spec ID header in front.
+	own := append(tcg.SpecIDHeader(), eventlog.EncodeAAEL(evs[0])...)
+	own = append(own, tcg.EndMarker...)
+	recs, err = eventlog.Parse(own)
+	require.NoError(t, err)
+	require.Len(t, recs, 1)
+	assert.Equal(t, evs[0], *recs[0].AAEL)
+}
+
+func TestParseRejects(t *testing.T) {
+	ev := evidence.Event{Domain: "d", Operation: "o", Content: "c"}
+	rec := eventlog.EncodeAAEL(ev)
+
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want error
+	}{
+		{"truncated", rec[:len(rec)-1], eventlog.ErrMalformed},
+		{"truncated digest", rec[:30], eventlog.ErrMalformed},
+		{"short tail", append(append([]byte{}, rec...), 1, 2, 3), eventlog.ErrMalformed},
+		{"data after marker", append(append(append([]byte{}, rec...), tcg.EndMarker...), rec...), eventlog.ErrMalformed},
+		{"digest mismatch", func() []byte { b := append([]byte{}, rec...); b[20] ^= 1; return b }(), eventlog.ErrDigestMismatch},
+		{"text mismatch", func() []byte { b := append([]byte{}, rec...); b[len(b)-1] = 'x'; return b }(), eventlog.ErrDigestMismatch},
+		{"huge size", func() []byte { b := append([]byte{}, rec...); b[62] = 0xFF; b[63] = 0xFF; b[64] = 0xFF; b[65] = 0x7F; return b }(), eventlog.ErrMalformed},
+		{"unknown alg", func() []byte { b := append([]byte{}, rec...); b[12] = 0x99; return b }(), eventlog.ErrMalformed},
+		{"too many digests", func() []byte { b := append([]byte{}, rec...); b[8] = 200; return b }(), eventlog.ErrMalformed},
+		{"bad tagged length", func() []byte {
+			b := append([]byte{}, rec...)
+			b[70]++
+			return b
+		}(), eventlog.ErrMalformed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := eventlog.Parse(tc.b)
+			require.ErrorIs(t, err, tc.want)
+		})
+	}
+
+	// Padding after the marker, and an empty log, are fine.
+	recs, err := eventlog.Parse(append(append(append([]byte{}, rec...), tcg.EndMarker...), 0, 0, 0xFF))
+	require.NoError(t, err)
+	assert.Len(t, recs, 1)
+	recs, err = eventlog.Parse(nil)
+	require.NoError(t, err)
+	assert.Empty(t, recs)
+
+	// Replay refuses MR indexes beyond RTMR3.
+	b := append([]byte{}, rec...)
+	b[0] = 5
+	recs, err = eventlog.Parse(b)
+	require.NoError(t, err)
+	_, err = eventlog.Replay(recs)
+	require.ErrorIs(t, err, eventlog.ErrMalformed)
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add(eventlog.EncodeAAEL(evidence.Event{Domain: "d", Operation: "o", Content: "c"}))
+	f.Add(append(tcg.SpecIDHeader(), tcg.EndMarker...))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		recs, err := eventlog.Parse(b)
+		if err != nil {
+			return
+		}
+		_, _ = eventlog.Replay(recs)
+		for _, r := range recs {
+			if r.AAEL != nil {
+				d := evidence.AAELDigest(*r.AAEL)
+				if s := r.SHA384(); s != nil && !bytes.Equal(s, d[:]) {
+					t.Fatalf("AAEL digest accepted but does not match")
+				}
+			}
+		}
+	})
+}
