@@ -213,7 +213,14 @@ func TestParseRejects(t *testing.T) {
 		{"data after marker", append(append(append([]byte{}, rec...), tcg.EndMarker...), rec...), eventlog.ErrMalformed},
 		{"digest mismatch", func() []byte { b := append([]byte{}, rec...); b[20] ^= 1; return b }(), eventlog.ErrDigestMismatch},
 		{"text mismatch", func() []byte { b := append([]byte{}, rec...); b[len(b)-1] = 'x'; return b }(), eventlog.ErrDigestMismatch},
-		{"huge size", func() []byte { b := append([]byte{}, rec...); b[62] = 0xFF; b[63] = 0xFF; b[64] = 0xFF; b[65] = 0x7F; return b }(), eventlog.ErrMalformed},
+		{"huge size", func() []byte {
+			b := append([]byte{}, rec...)
+			b[62] = 0xFF
+			b[63] = 0xFF
+			b[64] = 0xFF
+			b[65] = 0x7F
+			return b
+		}(), eventlog.ErrMalformed},
 		{"unknown alg", func() []byte { b := append([]byte{}, rec...); b[12] = 0x99; return b }(), eventlog.ErrMalformed},
 		{"too many digests", func() []byte { b := append([]byte{}, rec...); b[8] = 200; return b }(), eventlog.ErrMalformed},
 		{"bad tagged length", func() []byte {
