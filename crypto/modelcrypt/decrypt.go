@@ -200,6 +200,9 @@ func (m *Model) newShardStream(ctx context.Context, src Source, fi, j int, buf [
 	s := f.Shards[j]
 	rc, err := src.Open(ctx, s.Object, 0)
 	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, &CorruptError{File: f.Path, Object: s.Object, Chunk: -1, Reason: "object missing"}
+		}
 		return nil, fmt.Errorf("modelcrypt: file %q: open object %q: %w", f.Path, s.Object, err)
 	}
 	if cap(buf) < m.man.ChunkSize+tagSize {
