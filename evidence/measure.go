@@ -142,6 +142,12 @@ func (p *Platform) clearWAL() error {
 
 // recoverLocked resolves a pending write-ahead record (see Measure).
 func (p *Platform) recoverLocked() error {
+	// Temporary files of a write-ahead record whose rename never happened are garbage.
+	if tmps, _ := filepath.Glob(filepath.Join(p.stateDir, "."+WALFile+".tmp*")); len(tmps) > 0 {
+		for _, t := range tmps {
+			os.Remove(t)
+		}
+	}
 	b, err := os.ReadFile(p.walPath())
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil

@@ -22,7 +22,8 @@ type tdxQuoter struct {
 }
 
 // openTDX checks that configfs-tsm exists and reports the tdx_guest provider. It creates one
-// report entry to read the provider and always removes it.
+// report entry to read the provider, writes a zero inblob but never reads outblob (so no
+// quote is generated), and always removes the entry.
 func openTDX(client configfsi.Client) (*tdxQuoter, error) {
 	if client == nil {
 		c, err := linuxtsm.MakeClient()
@@ -35,7 +36,13 @@ func openTDX(client configfsi.Client) (*tdxQuoter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: configfs-tsm: %v", ErrNoTEE, err)
 	}
-	prov, err := r.ReadOption("provider")
+	// Writing inblob is cheap (the quote is only generated when outblob is read) and makes the
+	// entry's attributes current, as every configfs-tsm implementation expects before reads.
+	err = r.WriteOption("inblob", make([]byte, 64))
+	var prov []byte
+	if err == nil {
+		prov, err = r.ReadOption("provider")
+	}
 	if derr := r.Destroy(); derr != nil && err == nil {
 		err = derr
 	}

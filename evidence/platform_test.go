@@ -1,0 +1,538 @@
+package evidence
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha512"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/google/go-configfs-tsm/configfs/configfsi"
+	"github.com/google/go-configfs-tsm/configfs/faketsm"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/cai-agent/cai-agent/evidence/internal/tcg"
+	"github.com/cai-agent/cai-agent/evidence/rtmr"
+	"github.com/cai-agent/cai-agent/evidence/rtmr/rtmrtest"
+)
+
+func fixture(t testing.TB, rel string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "testdata", rel))
+	require.NoError(t, err)
+	return b
+}
+
+// reportDataOffset is where REPORTDATA sits in a raw quote: body at 48 (v4) or 54 (v5), +520.
+func reportDataOffset(q []byte) int {
+	if q[0] == 5 {
+		return 54 + 520
+	}
+	return 48 + 520
+}
+
+// fakeTSM is go-configfs-tsm's faketsm (configfs-tsm report semantics: generations, inblob
+// ≤ 64 bytes) answering provider "tdx_guest" and, for outblob, a REAL fixture quote. With
+// patch set, the quote's REPORTDATA is replaced by the inblob: the result is shaped like a
+// real quote for that REPORTDATA but its signature no longer verifies (it is a fake). Without
+// patch, the fixture is returned as is (it verifies, with its own REPORTDATA).
+func fakeTSM(t testing.TB, quote []byte, patch bool, provider string) configfsi.Client {
+	sub := faketsm.Report611(0)
+	base := sub.ReadAttr
+	sub.ReadAttr = func(e *faketsm.ReportEntry, attr string) ([]byte, error) {
+		switch attr {
+		case "provider":
+			return []byte(provider + "\n"), nil
+		case "outblob":
+			in := e.InAttrs["inblob"].Value
+			if len(in) == 0 {
+				return nil, syscall.EINVAL
+			}
+			q := append([]byte{}, quote...)
+			if patch {
+				var rd [64]byte
+				copy(rd[:], in) // the kernel zero-pads short inblobs
+				copy(q[reportDataOffset(q):], rd[:])
+			}
+			return q, nil
+		}
+		return base(e, attr)
+	}
+	return &faketsm.Client{Subsystems: map[string]configfsi.Client{"report": sub}}
+}
+
+type env struct {
+	root, state string
+	k           *rtmrtest.Kernel
+	tsm         configfsi.Client
+}
+
+func newEnv(t testing.TB) *env {
+	root := t.TempDir()
+	return &env{
+		root:  root,
+		state: filepath.Join(t.TempDir(), "state"),
+		k:     &rtmrtest.Kernel{Root: root, Sysfs: true},
+		tsm:   fakeTSM(t, fixture(t, "tdx/cos-113-tdx-quote.dat"), true, "tdx_guest"),
+	}
+}
+
+func (e *env) opts(tee string) Options {
+	return Options{TEE: tee, StateDir: e.state, Root: e.root, TSM: e.tsm, Kernel: e.k}
+}
+
+func (e *env) open(t testing.TB, tee string) *Platform {
+	t.Helper()
+	p, err := Open(context.Background(), e.opts(tee))
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func (e *env) installCCEL(t testing.TB) {
+	path := filepath.Join(e.root, CCELPath)
+	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+	require.NoError(t, os.WriteFile(path, fixture(t, "tdx/cos-113-ccel_data.dat"), 0o444))
+}
+
+// replayOwn folds the SHA-384 digests of the agent's own log (all RTMR3 records).
+func replayOwn(t testing.TB, log []byte) ([48]byte, int) {
+	t.Helper()
+	l, err := tcg.Walk(log)
+	require.NoError(t, err)
+	var acc [48]byte
+	for _, r := range l.Records {
+		require.EqualValues(t, 4, r.MRIndex)
+		var d [48]byte
+		copy(d[:], r.Digests[0].Sum)
+		acc = rtmr.ExtendValue(acc, d)
+	}
+	return acc, len(l.Records)
+}
+
+func requireConsistent(t testing.TB, p *Platform) int {
+	t.Helper()
+	log, err := p.EventLog()
+	require.NoError(t, err)
+	want, n := replayOwn(t, log)
+	rt, err := p.RTMRs()
+	require.NoError(t, err)
+	require.Equal(t, hex.EncodeToString(want[:]), hex.EncodeToString(rt[3]), "RTMR3 must replay from the log")
+	_, err = os.Stat(filepath.Join(p.stateDir, WALFile))
+	require.ErrorIs(t, err, fs.ErrNotExist, "no pending write-ahead record")
+	return n
+}
+
+func TestOpenAutoRequiresTDX(t *testing.T) {
+	e := newEnv(t)
+	e.tsm = fakeTSM(t, fixture(t, "tdx/cos-113-tdx-quote.dat"), true, "fake")
+	_, err := Open(context.Background(), e.opts(TEEAuto))
+	require.ErrorIs(t, err, ErrNoTEE)
+	assert.Contains(t, err.Error(), `"fake"`)
+	assert.Contains(t, err.Error(), "--tee sample")
+	_, err = Open(context.Background(), e.opts(TEETDX))
+	require.ErrorIs(t, err, ErrNoTEE)
+	_, err = Open(context.Background(), e.opts("sgx"))
+	require.ErrorIs(t, err, ErrNoTEE)
+
+	if _, err := os.Stat("/sys/kernel/config/tsm/report"); err != nil {
+		// This machine has no configfs-tsm: the real client makes auto fail clearly.
+		_, err := Open(context.Background(), Options{TEE: TEEAuto, StateDir: t.TempDir()})
+		require.ErrorIs(t, err, ErrNoTEE)
+		assert.Contains(t, err.Error(), "configfs-tsm")
+	}
+
+	e.tsm = fakeTSM(t, fixture(t, "tdx/cos-113-tdx-quote.dat"), true, "tdx_guest")
+	p := e.open(t, TEEAuto)
+	assert.Equal(t, TEETDX, p.TEE())
+}
+
+func TestTDXAttest(t *testing.T) {
+	for _, name := range []string{"cos-113-tdx-quote.dat", "quote_v5_sample.dat"} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			quote := fixture(t, "tdx/"+name)
+			e.tsm = fakeTSM(t, quote, true, "tdx_guest")
+			p := e.open(t, TEETDX)
+			var rd [64]byte
+			for i := range rd {
+				rd[i] = byte(i)
+			}
+			ev, err := p.Attest(context.Background(), rd)
+			require.NoError(t, err)
+			assert.Equal(t, TEETDX, ev.TEE)
+			assert.Nil(t, ev.CCEventLog, "no CCEL and no records: nil")
+			off := reportDataOffset(ev.Quote)
+			assert.Equal(t, rd[:], ev.Quote[off:off+64])
+			assert.Equal(t, quote[:off], ev.Quote[:off])
+		})
+	}
+
+	// Unpatched: the quote's REPORTDATA is not what was asked for, and that is refused.
+	e := newEnv(t)
+	e.tsm = fakeTSM(t, fixture(t, "tdx/cos-113-tdx-quote.dat"), false, "tdx_guest")
+	p := e.open(t, TEETDX)
+	_, err := p.Attest(context.Background(), [64]byte{1})
+	require.ErrorIs(t, err, ErrQuote)
+	// …but the fixture's own (all-zero) REPORTDATA works and yields the verifying quote.
+	ev, err := p.Attest(context.Background(), [64]byte{})
+	require.NoError(t, err)
+	assert.Equal(t, fixture(t, "tdx/cos-113-tdx-quote.dat"), ev.Quote)
+
+	// Garbage from the provider is refused.
+	e.tsm = fakeTSM(t, []byte("not a quote"), false, "tdx_guest")
+	p = e.open(t, TEETDX)
+	_, err = p.Attest(context.Background(), [64]byte{})
+	require.ErrorIs(t, err, ErrQuote)
+}
+
+// cc_eventlog = firmware CCEL (trimmed) ‖ our records ‖ 8×FF; it replays to the quote's
+// RTMR0..2 and to RTMR3 as extended.
+func TestCCEventLogWithCCEL(t *testing.T) {
+	e := newEnv(t)
+	e.installCCEL(t)
+	p := e.open(t, TEETDX)
+
+	cc, err := p.CCEventLog()
+	require.NoError(t, err)
+	ccel, err := tcg.Trim(fixture(t, "tdx/cos-113-ccel_data.dat"))
+	require.NoError(t, err)
+	require.Equal(t, append(append([]byte{}, ccel...), tcg.EndMarker...), cc)
+
+	ev1, _ := BinaryEvent("/usr/bin/ollama", bytes.Repeat([]byte{0xAB}, 48))
+	ev2, _ := ModelEvent("tinyllama:latest", bytes.Repeat([]byte{0xCD}, 32))
+	for _, ev := range []Event{ev1, ev2} {
+		d, err := p.Measure(context.Background(), ev)
+		require.NoError(t, err)
+		want := AAELDigest(ev)
+		require.Equal(t, want[:], d)
+	}
+	requireConsistent(t, p)
+
+	ev, err := p.AttestNonce(context.Background(), "nonce-1")
+	require.NoError(t, err)
+	own, err := p.EventLog()
+	require.NoError(t, err)
+	want := append(append(append([]byte{}, ccel...), own...), tcg.EndMarker...)
+	require.Equal(t, want, ev.CCEventLog)
+	rd, err := NonceReportData("nonce-1", ev.CCEventLog)
+	require.NoError(t, err)
+	off := reportDataOffset(ev.Quote)
+	assert.Equal(t, rd[:], ev.Quote[off:off+64], "REPORTDATA binds the nonce and the log served")
+
+	// Replay of the joined log: RTMR0..2 are the quote's, RTMR3 the fake kernel's.
+	l, err := tcg.Walk(ev.CCEventLog)
+	require.NoError(t, err)
+	var mr [4][48]byte
+	for _, r := range l.Records {
+		if r.MRIndex == 0 || r.Type == tcg.EvNoAction {
+			continue
+		}
+		var d [48]byte
+		copy(d[:], r.Digests[0].Sum)
+		mr[r.MRIndex-1] = rtmr.ExtendValue(mr[r.MRIndex-1], d)
+	}
+	qr, err := QuoteRTMRs(ev.Quote)
+	require.NoError(t, err)
+	for i := 0; i < 3; i++ {
+		assert.Equal(t, qr[i], mr[i], "RTMR%d", i)
+	}
+	assert.Equal(t, e.k.RTMR(3), mr[3])
+}
+
+func TestMeasureInterfaces(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		k    func(root string) *rtmrtest.Kernel
+	}{
+		{"sysfs", func(root string) *rtmrtest.Kernel { return &rtmrtest.Kernel{Root: root, Sysfs: true} }},
+		{"sysfs preferred over ioctl", func(root string) *rtmrtest.Kernel {
+			return &rtmrtest.Kernel{Root: root, Sysfs: true, Ioctl: true, V3Only: true}
+		}},
+		{"ioctl", func(root string) *rtmrtest.Kernel { return &rtmrtest.Kernel{Root: root, Ioctl: true} }},
+		{"ioctl v3 numbering", func(root string) *rtmrtest.Kernel { return &rtmrtest.Kernel{Root: root, Ioctl: true, V3Only: true} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.k = tc.k(e.root)
+			p := e.open(t, TEETDX)
+			for i := 0; i < 3; i++ {
+				_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: fmt.Sprint(i)})
+				require.NoError(t, err)
+			}
+			assert.Equal(t, 3, requireConsistent(t, p))
+			assert.Equal(t, 3, e.k.Extends())
+		})
+	}
+
+	// Neither interface: attestation works, measurement fails with ErrMeasure.
+	e := newEnv(t)
+	e.k = &rtmrtest.Kernel{Root: e.root}
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.ErrorIs(t, err, ErrMeasure)
+	require.ErrorIs(t, err, rtmr.ErrNotSupported)
+	_, err = p.Attest(context.Background(), [64]byte{})
+	require.NoError(t, err)
+	// RTMRs then come from a quote.
+	rt, err := p.RTMRs()
+	require.NoError(t, err)
+	qr, _ := QuoteRTMRs(fixture(t, "tdx/cos-113-tdx-quote.dat"))
+	assert.Equal(t, qr[0][:], rt[0])
+
+	// An invalid event is refused before anything happens.
+	_, err = newEnv(t).open(t, TEESample).Measure(context.Background(), Event{Domain: "a b", Operation: "o"})
+	require.ErrorIs(t, err, ErrInvalidEvent)
+}
+
+var errCrash = errors.New("simulated crash")
+
+// A crash between any two steps of a measurement (write-ahead record, extend, append, clear)
+// is recovered at the next Open with RTMR3 and the log agreeing.
+func TestCrashRecovery(t *testing.T) {
+	type outcome int
+	const (
+		dropped outcome = iota
+		kept
+	)
+	for _, tc := range []struct {
+		name  string
+		setup func(e *env, p *Platform)
+		want  outcome
+	}{
+		{"after write-ahead record", func(e *env, p *Platform) { p.hook = crashAt("wal", false) }, dropped},
+		{"after write-ahead record (panic)", func(e *env, p *Platform) { p.hook = crashAt("wal", true) }, dropped},
+		{"after extend", func(e *env, p *Platform) { p.hook = crashAt("extend", false) }, kept},
+		{"after extend (panic)", func(e *env, p *Platform) { p.hook = crashAt("extend", true) }, kept},
+		{"during append (half a record written)", func(e *env, p *Platform) {
+			p.hook = func(step string) error {
+				if step != "extend" {
+					return nil
+				}
+				f, err := os.OpenFile(filepath.Join(e.state, EventLogFile), os.O_WRONLY|os.O_APPEND, 0)
+				if err != nil {
+					return err
+				}
+				f.Write([]byte{4, 0, 0, 0, 6, 0})
+				f.Close()
+				return errCrash
+			}
+		}, kept},
+		{"after append", func(e *env, p *Platform) { p.hook = crashAt("append", false) }, kept},
+		{"after append (panic)", func(e *env, p *Platform) { p.hook = crashAt("append", true) }, kept},
+		{"after clear", func(e *env, p *Platform) { p.hook = crashAt("clear", false) }, kept},
+		{"kernel fails before extending", func(e *env, p *Platform) {
+			e.k.BeforeExtend = func(int) error { return syscall.EIO }
+		}, dropped},
+		{"during the write-ahead record (temp file left)", func(e *env, p *Platform) {
+			p.hook = func(step string) error {
+				if step != "wal" {
+					return nil
+				}
+				// Undo the rename: as if the crash came before it.
+				wal := filepath.Join(e.state, WALFile)
+				return errors.Join(os.Rename(wal, filepath.Join(e.state, "."+WALFile+".tmp123")), errCrash)
+			}
+		}, dropped},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			p, err := Open(context.Background(), e.opts(TEETDX))
+			require.NoError(t, err)
+			_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "before"})
+			require.NoError(t, err)
+			rtmrBefore := e.k.RTMR(3)
+
+			tc.setup(e, p)
+			func() {
+				defer func() { _ = recover() }()
+				_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "crash"})
+			}()
+			// The process "dies": drop p without any cleanup beyond what the kernel does
+			// (closing the lock file releases the flock).
+			p.lock.Close()
+			e.k.BeforeExtend = nil
+
+			p2 := e.open(t, TEETDX)
+			n := requireConsistent(t, p2)
+			log, err := p2.EventLog()
+			require.NoError(t, err)
+			recs, err := tcg.Walk(log)
+			require.NoError(t, err)
+			switch tc.want {
+			case dropped:
+				assert.Equal(t, 1, n)
+				assert.Equal(t, rtmrBefore, e.k.RTMR(3))
+			case kept:
+				assert.Equal(t, 2, n)
+				assert.Contains(t, string(recs.Records[1].Data), "Test crash")
+			}
+			matches, _ := filepath.Glob(filepath.Join(e.state, ".*tmp*"))
+			assert.Empty(t, matches, "temporary files are cleaned up")
+
+			// And measuring continues normally.
+			_, err = p2.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "after"})
+			require.NoError(t, err)
+			assert.Equal(t, n+1, requireConsistent(t, p2))
+		})
+	}
+}
+
+func crashAt(step string, panics bool) func(string) error {
+	return func(s string) error {
+		if s != step {
+			return nil
+		}
+		if panics {
+			panic(errCrash)
+		}
+		return errCrash
+	}
+}
+
+// The kernel reports an error although it extended: the measurement is logged and succeeds.
+func TestExtendErrorAfterEffect(t *testing.T) {
+	e := newEnv(t)
+	e.k.AfterExtend = func(int) error { return syscall.EINTR }
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.NoError(t, err)
+	assert.Equal(t, 1, requireConsistent(t, p))
+}
+
+// Another writer extending RTMR3 while a measurement is pending cannot be reconciled.
+func TestRecoveryInconsistent(t *testing.T) {
+	e := newEnv(t)
+	p, err := Open(context.Background(), e.opts(TEETDX))
+	require.NoError(t, err)
+	p.hook = crashAt("wal", false)
+	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.ErrorIs(t, err, errCrash)
+	p.Close()
+	e.k.SetRTMR(3, sha512.Sum384([]byte("someone else")))
+	_, err = Open(context.Background(), e.opts(TEETDX))
+	require.ErrorIs(t, err, ErrInconsistent)
+
+	// A corrupt write-ahead record is refused too.
+	require.NoError(t, os.WriteFile(filepath.Join(e.state, WALFile), []byte("{"), 0o600))
+	_, err = Open(context.Background(), e.opts(TEETDX))
+	require.ErrorIs(t, err, ErrInconsistent)
+}
+
+// A log left from an earlier boot (RTMR3 back to zero) is moved aside.
+func TestStaleLogRetired(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.NoError(t, err)
+	p.Close()
+	e.k.SetRTMR(3, [48]byte{}) // reboot
+	p2 := e.open(t, TEETDX)
+	assert.Equal(t, 0, requireConsistent(t, p2))
+	stale, _ := filepath.Glob(filepath.Join(e.state, EventLogFile+".stale-*"))
+	assert.Len(t, stale, 1)
+}
+
+// A corrupt own log is an ErrEventLog, never silently served.
+func TestCorruptOwnLog(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEESample)
+	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.NoError(t, err)
+	f, err := os.OpenFile(filepath.Join(e.state, EventLogFile), os.O_WRONLY|os.O_APPEND, 0)
+	require.NoError(t, err)
+	f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9})
+	f.Close()
+	_, err = p.CCEventLog()
+	require.ErrorIs(t, err, ErrEventLog)
+	_, err = p.Attest(context.Background(), [64]byte{})
+	require.ErrorIs(t, err, ErrEventLog)
+}
+
+func TestSampleTEE(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEESample)
+	assert.Equal(t, TEESample, p.TEE())
+
+	ev, err := p.Attest(context.Background(), [64]byte{7})
+	require.NoError(t, err)
+	assert.Nil(t, ev.CCEventLog)
+	q, err := ParseSampleQuote(ev.Quote)
+	require.NoError(t, err)
+	assert.Equal(t, "1", q.SVN)
+	assert.True(t, q.Unsigned)
+	rd, _ := q.ReportDataBytes()
+	assert.Equal(t, [64]byte{7}, rd)
+	assert.Equal(t, base64.StdEncoding.EncodeToString(rd[:]), q.ReportData)
+
+	_, err = p.Measure(context.Background(), Event{Domain: "domain", Operation: "operation", Content: "content"})
+	require.NoError(t, err)
+	requireConsistent(t, p)
+	ev, err = p.Attest(context.Background(), [64]byte{})
+	require.NoError(t, err)
+	require.True(t, bytes.HasPrefix(ev.CCEventLog, tcg.SpecIDHeader()), "no CCEL: a Spec ID header first")
+	require.True(t, bytes.HasSuffix(ev.CCEventLog, tcg.EndMarker))
+	q, err = ParseSampleQuote(ev.Quote)
+	require.NoError(t, err)
+	mr, err := q.RTMRs()
+	require.NoError(t, err)
+	d := AAELDigest(Event{Domain: "domain", Operation: "operation", Content: "content"})
+	assert.Equal(t, rtmr.ExtendValue([48]byte{}, d), mr[3])
+	qr, err := QuoteRTMRs(ev.Quote)
+	require.NoError(t, err)
+	assert.Equal(t, mr, qr)
+
+	// Sample never reads the firmware CCEL even when present.
+	e.installCCEL(t)
+	cc, err := p.CCEventLog()
+	require.NoError(t, err)
+	assert.True(t, bytes.HasPrefix(cc, tcg.SpecIDHeader()))
+
+	// State survives reopening; the state file says what it is.
+	p.Close()
+	p2 := e.open(t, TEESample)
+	requireConsistent(t, p2)
+	st, err := os.ReadFile(filepath.Join(e.state, SampleFile))
+	require.NoError(t, err)
+	assert.Contains(t, string(st), "SAMPLE TEE")
+
+	// Strict parsing.
+	for _, bad := range []string{`{"svn":"1","report_data":""}`, `{"svn":"1","report_data":"` + q.ReportData + `","rtmrs":["","","",""],"unsigned":true,"warning":""}`, string(fixture(t, "tdx/cos-113-tdx-quote.dat"))} {
+		_, err := ParseSampleQuote([]byte(bad))
+		assert.Error(t, err)
+	}
+}
+
+// Two Platforms (as two processes) measuring concurrently through one state dir stay consistent.
+func TestConcurrentMeasure(t *testing.T) {
+	e := newEnv(t)
+	ps := []*Platform{e.open(t, TEETDX), e.open(t, TEETDX)}
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			p := ps[i%2]
+			for j := 0; j < 5; j++ {
+				if i%2 == 0 {
+					_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: fmt.Sprint(i, j)})
+					assert.NoError(t, err)
+				} else {
+					_, err := p.Attest(context.Background(), [64]byte{byte(j)})
+					assert.NoError(t, err)
+				}
+			}
+		}(i)
+	}
+	wg.Wait()
+	assert.Equal(t, 10, requireConsistent(t, ps[0]))
+}
