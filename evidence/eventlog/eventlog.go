@@ -154,3 +154,34 @@ func EncodeAAEL(ev evidence.Event) []byte {
 
 // Trim returns a log up to its end marker, after checking that it is well-formed.
 func Trim(b []byte) ([]byte, error) { return tcg.Trim(b) }
+
+// ErrMismatch: a replayed RTMR differs from the expected value (a quote's, or the live one).
+var ErrMismatch = errors.New("event log replay does not match")
+
+// Match compares replayed RTMRs with expected ones, for the RTMR indexes given (all four when
+// none are given). The error (ErrMismatch) names the first RTMR that differs and both values.
+func Match(replayed, want [4][48]byte, rtmrs ...int) error {
+	if len(rtmrs) == 0 {
+		rtmrs = []int{0, 1, 2, 3}
+	}
+	for _, i := range rtmrs {
+		if i < 0 || i > 3 {
+			return fmt.Errorf("%w: no RTMR%d", ErrMismatch, i)
+		}
+		if replayed[i] != want[i] {
+			return fmt.Errorf("%w: RTMR%d replays to %x, expected %x", ErrMismatch, i, replayed[i], want[i])
+		}
+	}
+	return nil
+}
+
+// CoversBoot reports whether recs contain events for RTMR0..2 (a firmware CCEL), as opposed
+// to only runtime RTMR3 events (an agent's own log).
+func CoversBoot(recs []Record) bool {
+	for _, r := range recs {
+		if r.MRIndex >= 1 && r.MRIndex <= 3 && r.Type != tcg.EvNoAction {
+			return true
+		}
+	}
+	return false
+}
