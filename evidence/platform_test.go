@@ -472,7 +472,17 @@ func TestSampleTEE(t *testing.T) {
 	assert.True(t, q.Unsigned)
 	rd, _ := q.ReportDataBytes()
 	assert.Equal(t, [64]byte{7}, rd)
-	assert.Equal(t, base64.StdEncoding.EncodeToString(rd[:]), q.ReportData)
+	// A SHA-384 binding (last 16 bytes zero) is encoded as its 48 bytes, as CoCo's sample
+	// attester encodes the runtime-data digest that Trustee's sample verifier compares.
+	assert.Equal(t, base64.StdEncoding.EncodeToString(rd[:48]), q.ReportData)
+	full := [64]byte{63: 1}
+	ev, err = p.Attest(context.Background(), full)
+	require.NoError(t, err)
+	q, err = ParseSampleQuote(ev.Quote)
+	require.NoError(t, err)
+	assert.Equal(t, base64.StdEncoding.EncodeToString(full[:]), q.ReportData)
+	rd, _ = q.ReportDataBytes()
+	assert.Equal(t, full, rd)
 
 	_, err = p.Measure(context.Background(), Event{Domain: "domain", Operation: "operation", Content: "content"})
 	require.NoError(t, err)

@@ -18,7 +18,8 @@ import (
 const SampleWarning = "SAMPLE TEE: unsigned, simulated evidence for development; it proves nothing"
 
 // SampleQuote is the quote of the sample TEE, a JSON document compatible with Confidential
-// Containers' sample attester ({"svn":"1","report_data":"<std base64 of 64 bytes>"}) plus
+// Containers' sample attester ({"svn":"1","report_data":"<std base64>"}, REPORTDATA's first
+// 48 bytes when its last 16 are zero, else all 64 — see sampleReportData) plus
 // fields cai-agent adds: the simulated RTMR0..3 (lowercase hex), "unsigned": true and a
 // warning. Nothing in it is signed or hardware-backed: anyone can write one. TEE() is "sample"
 // and verifiers refuse it unless explicitly told to accept sample evidence.
@@ -31,7 +32,7 @@ type SampleQuote struct {
 }
 
 // ParseSampleQuote parses and checks a sample quote: known fields only, svn "1",
-// report_data 64 bytes of std base64, four 48-byte hex RTMRs and "unsigned": true.
+// report_data 48 or 64 bytes of std base64, four 48-byte hex RTMRs and "unsigned": true.
 func ParseSampleQuote(b []byte) (*SampleQuote, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
@@ -54,12 +55,24 @@ func ParseSampleQuote(b []byte) (*SampleQuote, error) {
 	return &q, nil
 }
 
-// ReportDataBytes decodes report_data.
+// sampleReportData is what report_data encodes: REPORTDATA, or only its first 48 bytes when
+// the last 16 are zero (a SHA-384 binding). CoCo's sample attester encodes the runtime-data
+// digest unpadded and Trustee's sample verifier compares it byte for byte, so a KBS binding
+// (SHA-384 ‖ 16 zero bytes) must appear as its 48 digest bytes.
+func sampleReportData(rd [64]byte) []byte {
+	if [16]byte(rd[48:]) == [16]byte{} {
+		return append([]byte{}, rd[:48]...)
+	}
+	return append([]byte{}, rd[:]...)
+}
+
+// ReportDataBytes decodes report_data (48 or 64 bytes) into the 64-byte REPORTDATA,
+// zero-padding a 48-byte value.
 func (q *SampleQuote) ReportDataBytes() ([64]byte, error) {
 	var rd [64]byte
 	b, err := base64.StdEncoding.DecodeString(q.ReportData)
-	if err != nil || len(b) != 64 {
-		return rd, errors.New("sample quote: report_data is not 64 bytes of std base64")
+	if err != nil || (len(b) != 64 && len(b) != 48) {
+		return rd, errors.New("sample quote: report_data is not 48 or 64 bytes of std base64")
 	}
 	copy(rd[:], b)
 	return rd, nil
@@ -156,7 +169,7 @@ func (s *sampleTEE) quote(ctx context.Context, rd [64]byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrQuote, err)
 	}
-	q := SampleQuote{SVN: "1", ReportData: base64.StdEncoding.EncodeToString(rd[:]), Unsigned: true, Warning: SampleWarning}
+	q := SampleQuote{SVN: "1", ReportData: base64.StdEncoding.EncodeToString(sampleReportData(rd)), Unsigned: true, Warning: SampleWarning}
 	for i := range v {
 		q.RTMR[i] = hex.EncodeToString(v[i][:])
 	}
