@@ -271,3 +271,73 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// Our encoding of the fixture's AAEL events reproduces the fixture's records byte for byte
+// (attestation-agent wire compatibility), and the fixture's last record is followed by 8×FF.
+func TestEncodeAAELMatchesTrusteeFixture(t *testing.T) {
+	raw := fixture(t, "eventlogs/trustee-CCEL_AAEL_alibabacloud")
+	recs, err := eventlog.Parse(raw)
+	require.NoError(t, err)
+	var tail []byte
+	for _, r := range recs {
+		if r.AAEL != nil {
+			enc := eventlog.EncodeAAEL(*r.AAEL)
+			require.True(t, bytes.Contains(raw, enc))
+			tail = append(tail, enc...)
+		}
+	}
+	tail = append(tail, tcg.EndMarker...)
+	assert.True(t, bytes.HasSuffix(raw, tail), "CCEL ‖ AAEL records ‖ 8×FF")
+}
+
+func TestMatch(t *testing.T) {
+	var a, b [4][48]byte
+	b[3][0] = 1
+	require.NoError(t, eventlog.Match(a, a))
+	require.NoError(t, eventlog.Match(a, b, 0, 1, 2))
+	err := eventlog.Match(a, b)
+	require.ErrorIs(t, err, eventlog.ErrMismatch)
+	assert.Contains(t, err.Error(), "RTMR3")
+	require.ErrorIs(t, eventlog.Match(a, a, 4), eventlog.ErrMismatch)
+
+	ccel, err := eventlog.Parse(fixture(t, "tdx/cos-113-ccel_data.dat"))
+	require.NoError(t, err)
+	assert.True(t, eventlog.CoversBoot(ccel))
+	own, err := eventlog.Parse(eventlog.EncodeAAEL(evidence.Event{Domain: "d", Operation: "o", Content: "c"}))
+	require.NoError(t, err)
+	assert.False(t, eventlog.CoversBoot(own))
+}
+
+// attestation-agent's EL_HEADER (used when there is no CCEL) has an all-zero signature and
+// declares SHA-384 and SM3; it must parse, with the digest sizes it declares.
+func TestAttestationAgentHeader(t *testing.T) {
+	data := make([]byte, 24)
+	data[21] = 2                                        // spec major
+	data[23] = 2                                        // uintnSize
+	data = append(data, 2, 0, 0, 0)                     // two algorithms
+	data = append(data, 0x0c, 0, 48, 0, 0x12, 0, 32, 0) // SHA-384/48, SM3/32
+	data = append(data, 0)                              // no vendor info
+	hdr := make([]byte, 32)
+	hdr[4] = 3 // EV_NO_ACTION
+	hdr[28] = byte(len(data))
+	hdr = append(hdr, data...)
+	require.Len(t, hdr, 69)
+	ev := evidence.Event{Domain: "d", Operation: "o", Content: "c"}
+	log := append(append(hdr, eventlog.EncodeAAEL(ev)...), tcg.EndMarker...)
+	recs, err := eventlog.Parse(log)
+	require.NoError(t, err)
+	require.Len(t, recs, 1)
+	assert.Equal(t, ev, *recs[0].AAEL)
+}
+
+// Our header has the shape of TDVF's CCEL header (only the PCR index differs).
+func TestSpecIDHeaderShape(t *testing.T) {
+	ccel := fixture(t, "tdx/cos-113-ccel_data.dat")
+	h := tcg.SpecIDHeader()
+	require.Len(t, h, 65)
+	assert.Equal(t, ccel[4:65], h[4:65])
+	l, err := tcg.Walk(append(h, tcg.EndMarker...))
+	require.NoError(t, err)
+	assert.Equal(t, 65, l.HeaderEnd)
+	assert.Empty(t, l.Records)
+}
