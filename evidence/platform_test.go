@@ -16,10 +16,10 @@ import (
 	"testing"
 
 	"github.com/google/go-configfs-tsm/configfs/configfsi"
-	"github.com/google/go-configfs-tsm/configfs/faketsm"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/cai-agent/cai-agent/evidence/evidencetest"
 	"github.com/cai-agent/cai-agent/evidence/internal/tcg"
 	"github.com/cai-agent/cai-agent/evidence/rtmr"
 	"github.com/cai-agent/cai-agent/evidence/rtmr/rtmrtest"
@@ -32,42 +32,10 @@ func fixture(t testing.TB, rel string) []byte {
 	return b
 }
 
-// reportDataOffset is where REPORTDATA sits in a raw quote: body at 48 (v4) or 54 (v5), +520.
-func reportDataOffset(q []byte) int {
-	if q[0] == 5 {
-		return 54 + 520
-	}
-	return 48 + 520
-}
+func reportDataOffset(q []byte) int { return evidencetest.ReportDataOffset(q) }
 
-// fakeTSM is go-configfs-tsm's faketsm (configfs-tsm report semantics: generations, inblob
-// ≤ 64 bytes) answering provider "tdx_guest" and, for outblob, a REAL fixture quote. With
-// patch set, the quote's REPORTDATA is replaced by the inblob: the result is shaped like a
-// real quote for that REPORTDATA but its signature no longer verifies (it is a fake). Without
-// patch, the fixture is returned as is (it verifies, with its own REPORTDATA).
-func fakeTSM(t testing.TB, quote []byte, patch bool, provider string) configfsi.Client {
-	sub := faketsm.Report611(0)
-	base := sub.ReadAttr
-	sub.ReadAttr = func(e *faketsm.ReportEntry, attr string) ([]byte, error) {
-		switch attr {
-		case "provider":
-			return []byte(provider + "\n"), nil
-		case "outblob":
-			in := e.InAttrs["inblob"].Value
-			if len(in) == 0 {
-				return nil, syscall.EINVAL
-			}
-			q := append([]byte{}, quote...)
-			if patch {
-				var rd [64]byte
-				copy(rd[:], in) // the kernel zero-pads short inblobs
-				copy(q[reportDataOffset(q):], rd[:])
-			}
-			return q, nil
-		}
-		return base(e, attr)
-	}
-	return &faketsm.Client{Subsystems: map[string]configfsi.Client{"report": sub}}
+func fakeTSM(_ testing.TB, quote []byte, patch bool, provider string) configfsi.Client {
+	return evidencetest.TSM(quote, patch, provider)
 }
 
 type env struct {
