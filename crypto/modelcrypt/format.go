@@ -210,12 +210,12 @@ func (m *Manifest) validate() error {
 		if f.Size < 0 || f.Size > MaxFileSize {
 			return fmt.Errorf("file %q: size %d out of range", f.Path, f.Size)
 		}
-		want := planShards(f.Size, m.ChunkSize, m.ShardSize)
-		if len(f.Shards) != len(want) {
-			return fmt.Errorf("file %q: %d shards, want %d", f.Path, len(f.Shards), len(want))
+		// Count first: a hostile size must not make us allocate a huge shard table.
+		if n := shardCount(f.Size, m.ShardSize); int64(len(f.Shards)) != n {
+			return fmt.Errorf("file %q: %d shards, want %d", f.Path, len(f.Shards), n)
 		}
 		for j, s := range f.Shards {
-			w := want[j]
+			w := shardAt(f.Size, m.ChunkSize, m.ShardSize, int64(j))
 			if s.Offset != w.Offset || s.Size != w.Size || s.Chunks != w.Chunks {
 				return fmt.Errorf("file %q: shard %d: offset/size/chunks %d/%d/%d, want %d/%d/%d",
 					f.Path, j, s.Offset, s.Size, s.Chunks, w.Offset, w.Size, w.Chunks)
@@ -251,14 +251,22 @@ func checkSizes(chunk int, shard int64) error {
 	return nil
 }
 
+// shardCount returns the number of shards of a file: ceil(size/shardSize), at least 1.
+func shardCount(size, shardSize int64) int64 { return max(1, (size+shardSize-1)/shardSize) }
+
+// shardAt returns shard i of a file of the given size, without object name.
+func shardAt(size int64, chunk int, shardSize int64, i int64) Shard {
+	off := i * shardSize
+	sz := min(shardSize, size-off)
+	return Shard{Offset: off, Size: sz, Chunks: max(1, (sz+int64(chunk)-1)/int64(chunk))}
+}
+
 // planShards returns the shard table of a file of the given size, without object names.
 func planShards(size int64, chunk int, shardSize int64) []Shard {
-	n := max(1, (size+shardSize-1)/shardSize)
+	n := shardCount(size, shardSize)
 	out := make([]Shard, n)
 	for i := range n {
-		off := i * shardSize
-		sz := min(shardSize, size-off)
-		out[i] = Shard{Offset: off, Size: sz, Chunks: max(1, (sz+int64(chunk)-1)/int64(chunk))}
+		out[i] = shardAt(size, chunk, shardSize, i)
 	}
 	return out
 }
