@@ -128,7 +128,7 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 		p.regs, p.regsErr = rtmr.Open(k, root, opts.RTMRDevice)
 		if p.regsErr != nil {
 			p.regs = nil
-			slog.Warn("RTMR3 cannot be extended on this kernel; measurements will fail", "err", p.regsErr)
+			slog.Info("RTMR3 cannot be extended on this kernel; measurements will fail", "err", p.regsErr)
 		}
 	default:
 		return nil, fmt.Errorf("%w: unknown TEE %q (want auto, tdx or sample)", ErrNoTEE, opts.TEE)
