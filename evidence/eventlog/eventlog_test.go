@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/google/go-eventlog/register"
+	gotcg "github.com/google/go-eventlog/tcg"
 	"github.com/google/go-tdx-guest/abi"
 	pb "github.com/google/go-tdx-guest/proto/tdx"
 	"github.com/stretchr/testify/assert"
@@ -340,4 +342,56 @@ func TestSpecIDHeaderShape(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 65, l.HeaderEnd)
 	assert.Empty(t, l.Records)
+}
+
+func rtmrBank(mr [4][48]byte) []register.MR {
+	var b register.RTMRBank
+	for i := range mr {
+		b.RTMRs = append(b.RTMRs, register.RTMR{Index: i, Digest: append([]byte{}, mr[i][:]...)})
+	}
+	return b.MRs()
+}
+
+// Cross-check with an independent implementation: google/go-eventlog parses the logs we
+// build (CCEL ‖ AAEL records ‖ 8×FF, and our Spec ID header ‖ records ‖ 8×FF) and agrees with
+// our replay; it rejects a wrong RTMR. (It cannot parse Trustee's CCEL_data fixture, whose
+// area is zero-padded; ours does, see TestReplayTrusteeCCELData.)
+func TestCrossCheckGoEventlog(t *testing.T) {
+	ccel, err := eventlog.Trim(fixture(t, "tdx/cos-113-ccel_data.dat"))
+	require.NoError(t, err)
+	evs := []evidence.Event{
+		{Domain: evidence.Domain, Operation: evidence.OpBinary, Content: `{"path":"/usr/bin/ollama","sha384":"00"}`},
+		{Domain: evidence.Domain, Operation: evidence.OpModel, Content: `{"manifest_sha256":"ab","name":"tinyllama"}`},
+	}
+	var own []byte
+	for _, ev := range evs {
+		own = append(own, eventlog.EncodeAAEL(ev)...)
+	}
+	for name, log := range map[string][]byte{
+		"ccel":             append(append([]byte{}, ccel...), tcg.EndMarker...),
+		"ccel+aael":        append(append(append([]byte{}, ccel...), own...), tcg.EndMarker...),
+		"header+aael":      append(append(tcg.SpecIDHeader(), own...), tcg.EndMarker...),
+		"trustee-aael":     fixture(t, "eventlogs/trustee-CCEL_AAEL_alibabacloud"),
+		"cos-113 (padded)": fixture(t, "tdx/cos-113-ccel_data.dat"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			recs, err := eventlog.Parse(log)
+			require.NoError(t, err)
+			mr, err := eventlog.Replay(recs)
+			require.NoError(t, err)
+			events, err := gotcg.ParseAndReplay(log, rtmrBank(mr), gotcg.ParseOpts{AllowPadding: true})
+			require.NoError(t, err)
+			assert.Len(t, events, len(recs))
+			// go-eventlog checks the registers the log has events for.
+			for i := 0; i < 4; i++ {
+				if i < 3 && !eventlog.CoversBoot(recs) || i == 3 && recs[len(recs)-1].AAEL == nil {
+					continue
+				}
+				bad := mr
+				bad[i][0] ^= 1
+				_, err = gotcg.ParseAndReplay(log, rtmrBank(bad), gotcg.ParseOpts{AllowPadding: true})
+				require.Error(t, err, "RTMR%d", i)
+			}
+		})
+	}
 }
