@@ -154,6 +154,12 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 	return p, nil
 }
 
+// Platform is the Attester and Measurer the other packages take.
+var (
+	_ Attester = (*Platform)(nil)
+	_ Measurer = (*Platform)(nil)
+)
+
 // TEE returns TEETDX or TEESample.
 func (p *Platform) TEE() string { return p.tee }
 
@@ -200,7 +206,8 @@ func (p *Platform) Attest(ctx context.Context, reportData [64]byte) (*Evidence, 
 
 // AttestBound is Attest for REPORTDATA that depends on the cc_eventlog being attached, such
 // as NonceReportData(nonce, ccEventLog): bind receives exactly the cc_eventlog bytes that the
-// returned Evidence carries, and no measurement can slip in between.
+// returned Evidence carries, and no measurement can slip in between. bind runs with the
+// platform locked and must not call p's methods.
 func (p *Platform) AttestBound(ctx context.Context, bind func(ccEventLog []byte) ([64]byte, error)) (*Evidence, error) {
 	var ev *Evidence
 	err := p.locked(func() error {
