@@ -164,8 +164,18 @@ func (p *Platform) recoverLocked() error {
 	if err1 != nil || err2 != nil || len(old) != 48 || len(newV) != 48 {
 		return fmt.Errorf("%w: write-ahead record %s is corrupt", ErrInconsistent, p.walPath())
 	}
-	if _, err := tcg.Walk(w.Record); err != nil {
-		return fmt.Errorf("%w: write-ahead record %s: %w", ErrInconsistent, p.walPath(), err)
+	// The record must be exactly one RTMR3 record whose digest takes old to new.
+	l, err := tcg.Walk(w.Record)
+	if err != nil || len(l.Records) != 1 || l.HeaderEnd != 0 || l.End != len(w.Record) ||
+		l.Records[0].MRIndex != tcg.MRIndexRTMR3 || len(l.Records[0].Digests) != 1 ||
+		l.Records[0].Digests[0].Alg != tcg.AlgSHA384 {
+		return fmt.Errorf("%w: write-ahead record %s does not hold one RTMR3 record", ErrInconsistent, p.walPath())
+	}
+	var d, o [48]byte
+	copy(d[:], l.Records[0].Digests[0].Sum)
+	copy(o[:], old)
+	if nv := rtmr.ExtendValue(o, d); !bytes.Equal(nv[:], newV) {
+		return fmt.Errorf("%w: write-ahead record %s: its record does not extend old_rtmr3 to new_rtmr3", ErrInconsistent, p.walPath())
 	}
 	if p.regs == nil {
 		return fmt.Errorf("%w: a measurement is pending but RTMR3 cannot be read: %w", ErrInconsistent, p.regsErr)

@@ -6,6 +6,7 @@ import (
 	"crypto/sha512"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -513,4 +514,28 @@ func TestConcurrentMeasure(t *testing.T) {
 	}
 	wg.Wait()
 	assert.Equal(t, 10, requireConsistent(t, ps[0]))
+}
+
+// A write-ahead record whose record does not take old_rtmr3 to new_rtmr3 is refused: a
+// tampered record can never be appended to the log.
+func TestRecoveryRefusesForgedRecord(t *testing.T) {
+	e := newEnv(t)
+	p, err := Open(context.Background(), e.opts(TEETDX))
+	require.NoError(t, err)
+	p.hook = crashAt("extend", false)
+	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "real"})
+	require.ErrorIs(t, err, errCrash)
+	p.Close()
+
+	walPath := filepath.Join(e.state, WALFile)
+	b, err := os.ReadFile(walPath)
+	require.NoError(t, err)
+	var w walRecord
+	require.NoError(t, json.Unmarshal(b, &w))
+	forged, _ := tcg.AAELRecord(Domain + " Test forged")
+	w.Record = forged
+	b, _ = json.Marshal(w)
+	require.NoError(t, os.WriteFile(walPath, b, 0o600))
+	_, err = Open(context.Background(), e.opts(TEETDX))
+	require.ErrorIs(t, err, ErrInconsistent)
 }
