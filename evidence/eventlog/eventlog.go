@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"crypto/sha512"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -184,4 +185,26 @@ func CoversBoot(recs []Record) bool {
 		}
 	}
 	return false
+}
+
+// Measurements returns the RTMR3 AAEL events of recs, in order, with their SHA-384 digests
+// (hex), and the model named by the last cai-agent OpModel event (nil if none) — the
+// convenience fields of evidence.Bundle. Only records Parse has checked are trusted here, and
+// only as far as the log itself is: callers must replay the log against a verified quote.
+func Measurements(recs []Record) ([]evidence.Measurement, *evidence.ModelInfo) {
+	ms := []evidence.Measurement{}
+	var model *evidence.ModelInfo
+	for _, r := range recs {
+		if r.AAEL == nil || r.MRIndex != MRIndexRTMR3 {
+			continue
+		}
+		ms = append(ms, evidence.Measurement{Event: *r.AAEL, Digest: fmt.Sprintf("%x", r.SHA384())})
+		if r.AAEL.Domain == evidence.Domain && r.AAEL.Operation == evidence.OpModel {
+			var mi evidence.ModelInfo
+			if err := json.Unmarshal([]byte(r.AAEL.Content), &mi); err == nil && mi.Name != "" {
+				model = &mi
+			}
+		}
+	}
+	return ms, model
 }

@@ -395,3 +395,30 @@ func TestCrossCheckGoEventlog(t *testing.T) {
 		})
 	}
 }
+
+func TestMeasurements(t *testing.T) {
+	bin, err := evidence.BinaryEvent("/usr/bin/ollama", []byte{1, 2})
+	require.NoError(t, err)
+	model, err := evidence.ModelEvent("tinyllama:latest", []byte{0xab})
+	require.NoError(t, err)
+	assert.Equal(t, `{"path":"/usr/bin/ollama","sha384":"0102"}`, bin.Content)
+	assert.Equal(t, `{"manifest_sha256":"ab","name":"tinyllama:latest"}`, model.Content)
+	log := append(fixture(t, "eventlogs/trustee-CCEL_AAEL_alibabacloud")[:0:0], fixture(t, "eventlogs/trustee-CCEL_AAEL_alibabacloud")...)
+	log = log[:len(log)-8]
+	log = append(append(append(log, eventlog.EncodeAAEL(bin)...), eventlog.EncodeAAEL(model)...), tcg.EndMarker...)
+	recs, err := eventlog.Parse(log)
+	require.NoError(t, err)
+	ms, mi := eventlog.Measurements(recs)
+	require.Len(t, ms, 4)
+	assert.Equal(t, "coco.com", ms[0].Domain)
+	assert.Equal(t, bin, ms[2].Event)
+	d := evidence.AAELDigest(model)
+	assert.Equal(t, hex.EncodeToString(d[:]), ms[3].Digest)
+	require.NotNil(t, mi)
+	assert.Equal(t, evidence.ModelInfo{Name: "tinyllama:latest", ManifestSHA256: "ab"}, *mi)
+
+	ms, mi = eventlog.Measurements(nil)
+	assert.NotNil(t, ms)
+	assert.Empty(t, ms)
+	assert.Nil(t, mi)
+}
