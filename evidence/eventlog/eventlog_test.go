@@ -422,3 +422,17 @@ func TestMeasurements(t *testing.T) {
 	assert.Empty(t, ms)
 	assert.Nil(t, mi)
 }
+
+func BenchmarkParseReplayCCEL(b *testing.B) {
+	raw := fixture(b, "tdx/cos-113-ccel_data.dat")
+	b.SetBytes(int64(len(raw)))
+	for b.Loop() {
+		recs, err := eventlog.Parse(raw)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := eventlog.Replay(recs); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
