@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-eventlog/register"
@@ -83,16 +84,35 @@ func TestReplayCOS113AgainstQuote(t *testing.T) {
 	assert.Equal(t, make([]byte, 48), mr[3][:])
 }
 
-// Trustee's CCEL_data fixture replays to the values in Trustee's own test (lib.rs test_rtmr_integrity).
-func TestReplayTrusteeCCELData(t *testing.T) {
-	recs, err := eventlog.Parse(fixture(t, "eventlogs/trustee-CCEL_data"))
-	require.NoError(t, err)
-	mr, err := eventlog.Replay(recs)
-	require.NoError(t, err)
-	assert.Equal(t, "2dc712306a963eadb894ad47dbaa17df44814151555aee11cbb843becca88950ffd079664902e6f22c66f7c8213543f4", hex.EncodeToString(mr[0][:]))
-	assert.Equal(t, "0fa3be56af61208bbd179dc7b124988eb929319154663c539d6f46445ecac2fec287075047ff7bd1922829fec28cd3cf", hex.EncodeToString(mr[1][:]))
-	assert.Equal(t, make([]byte, 48), mr[2][:])
-	assert.Equal(t, make([]byte, 48), mr[3][:])
+// Trustee's CCEL fixtures replay to the values in Trustee's own test (deps/eventlog/src/lib.rs
+// test_rtmr_integrity), including GKE's log with an EV_NO_ACTION event in RTMR0.
+func TestReplayTrusteeFixtures(t *testing.T) {
+	zero := strings.Repeat("0", 96)
+	for name, want := range map[string][4]string{
+		"trustee-CCEL_data": {"2dc712306a963eadb894ad47dbaa17df44814151555aee11cbb843becca88950ffd079664902e6f22c66f7c8213543f4",
+			"0fa3be56af61208bbd179dc7b124988eb929319154663c539d6f46445ecac2fec287075047ff7bd1922829fec28cd3cf", zero, zero},
+		"trustee-CCEL_data_ovmf": {"8566f998798db09443b244c62de9a3041fb02e2e6936c4396d784bba2e90177329ec5aba3bb484404f2ab9cc90abe193",
+			"775b9f6bfe99f8a31396f0d0218e67ffa796d3b96ccf961cbb0deba48c79c00f082cda1a5567c1c16305f1fc210c13c6",
+			"94eaf7a7bf398ed8d888c91057ae0261802e4f3df084213a76ca7f0b5055ac9d2241de43cd58d9e8b49c503bbf25f34a", zero},
+		"trustee-CCEL_data_grub": {"cec0a104f691f60da2387fea3c2de00c4ac035e2bb479ff02edcce69039d9e9907f0b3e55031da3dc7038f423adebd79",
+			"6c289e0c62182d41ebe97bdbc9872d10998a08eaa86adcdc684001a363207ee72942c7522cdf00a4bbc3d784bed7b670",
+			"08919d017ba0e52cd6d966351c7de16fe76c1d3d3d3da4554239e4c7d16cb8b82a94e7eaea3a0e6e18eb690b999fd31e", zero},
+		"trustee-CCEL_data_gcp": {"3300980705adf09d28b707b79699d9874892164280832be2c386a715b6e204e0897fb564a064f810659207ba862b304f",
+			"204d49f78d29918fe7b2f694e76653861a0c2a018987d2c3a54266eff737232524cf0af68c4d180e2f8c2c0937f21967", zero, zero},
+		"trustee-CCEL_data_grub_gke": {"bc9945139042cf2cc75caf920aa57f14884ecfd7e893bccc51250c8ce90eb53ce72741e6adaa18183eb1331a87d4544a",
+			"c17cb288a4dee302bb9ed8d27257a168f3264ad68cab53757f37eeaa7039657fa887cad65cf910e0fdc435ff110f8a7b",
+			"334aeba2c985f8886cea97d1ecffbd512769d528b9a94009583db667ad7d2faa7d37fa145d75b192ceee2d2f10b2eb6d", zero},
+	} {
+		t.Run(name, func(t *testing.T) {
+			recs, err := eventlog.Parse(fixture(t, "eventlogs/"+name))
+			require.NoError(t, err)
+			mr, err := eventlog.Replay(recs)
+			require.NoError(t, err)
+			for i := range want {
+				assert.Equal(t, want[i], hex.EncodeToString(mr[i][:]), "RTMR%d", i)
+			}
+		})
+	}
 }
 
 type trusteeOut struct {
@@ -118,7 +138,8 @@ type trusteeOut struct {
 // Every event of Trustee's CCEL_AAEL fixture parses as Trustee parses it (index, digests,
 // event bytes), and its two AAEL events carry their domain/operation/content.
 func TestParseTrusteeAAELFixture(t *testing.T) {
-	for _, name := range []string{"trustee-CCEL_AAEL_alibabacloud", "trustee-CCEL_data"} {
+	for _, name := range []string{"trustee-CCEL_AAEL_alibabacloud", "trustee-CCEL_data", "trustee-CCEL_data_ovmf",
+		"trustee-CCEL_data_grub", "trustee-CCEL_data_grub_gke"} {
 		t.Run(name, func(t *testing.T) {
 			recs, err := eventlog.Parse(fixture(t, "eventlogs/"+name))
 			require.NoError(t, err)
