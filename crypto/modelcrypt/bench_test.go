@@ -106,6 +106,23 @@ func reportPeakRSS(b *testing.B) {
 
 var benchChunkSizes = []int{64 << 10, 256 << 10, 1 << 20, 4 << 20}
 
+// benchModes: AEAD only; SHA-256 re-hash on a separate goroutine (the default); SHA-256
+// inline in the decrypting goroutine (for comparison).
+var benchModes = []struct {
+	name              string
+	verify, pipelined bool
+}{
+	{"aead", false, true},
+	{"verify-sha256", true, true},
+	{"verify-sha256-inline", true, false},
+}
+
+func setPipelined(on bool) (restore func()) {
+	old := pipelinedHashing
+	pipelinedHashing = on
+	return func() { pipelinedHashing = old }
+}
+
 func BenchmarkDecrypt(b *testing.B) {
 	dir := benchDir(b)
 	total := benchMiB(b) << 20
@@ -117,13 +134,10 @@ func BenchmarkDecrypt(b *testing.B) {
 		if _, err := Encrypt(context.Background(), key, in, enc, EncryptOptions{ChunkSize: cs}); err != nil {
 			b.Fatal(err)
 		}
-		for _, verify := range []bool{false, true} {
-			name := fmt.Sprintf("chunk=%dKiB/aead", cs>>10)
-			if verify {
-				name = fmt.Sprintf("chunk=%dKiB/verify-sha256", cs>>10)
-			}
-			b.Run(name, func(b *testing.B) {
-				benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: verify})
+		for _, mode := range benchModes {
+			b.Run(fmt.Sprintf("chunk=%dKiB/%s", cs>>10, mode.name), func(b *testing.B) {
+				defer setPipelined(mode.pipelined)()
+				benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: mode.verify})
 			})
 		}
 		os.RemoveAll(enc)
@@ -140,13 +154,10 @@ func BenchmarkDecryptOneFile(b *testing.B) {
 	if _, err := Encrypt(context.Background(), key, in, enc, EncryptOptions{ShardSize: total / 2}); err != nil {
 		b.Fatal(err)
 	}
-	for _, verify := range []bool{false, true} {
-		name := "aead"
-		if verify {
-			name = "verify-sha256"
-		}
-		b.Run(name, func(b *testing.B) {
-			benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: verify})
+	for _, mode := range benchModes {
+		b.Run(mode.name, func(b *testing.B) {
+			defer setPipelined(mode.pipelined)()
+			benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: mode.verify})
 		})
 	}
 }
@@ -186,24 +197,31 @@ func BenchmarkEncrypt(b *testing.B) {
 	total := benchMiB(b) << 20
 	for _, nFiles := range []int{4, 1} {
 		in := writePlain(b, filepath.Join(dir, strconv.Itoa(nFiles)), total, nFiles)
-		b.Run(fmt.Sprintf("files=%d/chunk=1024KiB", nFiles), func(b *testing.B) {
-			out := filepath.Join(dir, "enc")
-			b.SetBytes(total)
-			b.ReportAllocs()
-			resetPeakRSS()
-			b.ResetTimer()
-			for range b.N {
-				b.StopTimer()
-				os.RemoveAll(out)
-				b.StartTimer()
-				if _, err := Encrypt(context.Background(), testKey(9), in, out, EncryptOptions{}); err != nil {
-					b.Fatal(err)
-				}
+		for _, pipelined := range []bool{true, false} {
+			name := fmt.Sprintf("files=%d", nFiles)
+			if !pipelined {
+				name += "/sha256-inline"
 			}
-			b.StopTimer()
-			reportPeakRSS(b)
-			os.RemoveAll(out)
-		})
+			b.Run(name, func(b *testing.B) {
+				defer setPipelined(pipelined)()
+				out := filepath.Join(dir, "enc")
+				b.SetBytes(total)
+				b.ReportAllocs()
+				resetPeakRSS()
+				b.ResetTimer()
+				for range b.N {
+					b.StopTimer()
+					os.RemoveAll(out)
+					b.StartTimer()
+					if _, err := Encrypt(context.Background(), testKey(9), in, out, EncryptOptions{}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StopTimer()
+				reportPeakRSS(b)
+				os.RemoveAll(out)
+			})
+		}
 		os.RemoveAll(filepath.Join(dir, strconv.Itoa(nFiles)))
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"io/fs"
 	"runtime"
@@ -205,11 +204,8 @@ func (m *Model) newShardStream(ctx context.Context, src Source, fi, j int, buf [
 		}
 		return nil, fmt.Errorf("modelcrypt: file %q: open object %q: %w", f.Path, s.Object, err)
 	}
-	if cap(buf) < m.man.ChunkSize+tagSize {
-		buf = make([]byte, m.man.ChunkSize+tagSize)
-	}
 	return &shardStream{ctx: ctx, src: src, file: f, shard: s, chunk: m.man.ChunkSize, aead: aead, rc: rc,
-		buf: buf[:cap(buf)], retries: retries}, nil
+		buf: buf, retries: retries}, nil
 }
 
 func (s *shardStream) corrupt(i int64, format string, args ...any) error {
@@ -220,6 +216,14 @@ func (s *shardStream) corrupt(i int64, format string, args ...any) error {
 // its plaintext offset inside the file, or io.EOF after the final chunk was verified and the
 // object was seen to end there.
 func (s *shardStream) nextChunk() ([]byte, int64, error) {
+	if s.buf == nil {
+		s.buf = make([]byte, s.chunk+tagSize)
+	}
+	return s.nextChunkInto(s.buf)
+}
+
+// nextChunkInto is nextChunk reading into buf (capacity at least chunk size + 16).
+func (s *shardStream) nextChunkInto(buf []byte) ([]byte, int64, error) {
 	i := s.next
 	if i == s.shard.Chunks {
 		if err := s.checkEnd(); err != nil {
@@ -235,7 +239,7 @@ func (s *shardStream) nextChunk() ([]byte, int64, error) {
 		return nil, 0, context.Cause(s.ctx)
 	}
 	n := s.shard.chunkPlainSize(i, s.chunk)
-	enc := s.buf[:n+tagSize]
+	enc := buf[:n+tagSize]
 	if err := s.read(i, enc); err != nil {
 		return nil, 0, err
 	}
@@ -405,32 +409,40 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 	tasks := make(chan task)
 	worker := func() {
 		defer wg.Done()
-		buf := make([]byte, m.man.ChunkSize+tagSize)
-		var h hash.Hash
+		var buf []byte
+		var hp *pipeHasher
+		defer func() {
+			if hp != nil {
+				hp.stop()
+			}
+		}()
 		for t := range tasks {
 			if ctx.Err() != nil {
 				continue // drain
 			}
 			mf := &m.man.Files[t.of.idx]
 			if t.hash {
-				if h == nil {
-					h = sha256.New()
+				if hp == nil {
+					hp = newPipeHasher(m.man.ChunkSize+tagSize, workers == 1 || !pipelinedHashing)
 				}
-				h.Reset()
+				hp.reset()
+			} else if buf == nil {
+				buf = make([]byte, m.man.ChunkSize+tagSize)
 			}
 			var err error
 			for _, j := range t.shards {
-				var hh hash.Hash
+				var lane *pipeHasher
 				if t.hash {
-					hh = h
+					lane = hp
 				}
-				if err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, hh, buf, opts, &bytesOut); err != nil {
+				if err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, lane, buf, opts, &bytesOut); err != nil {
 					break
 				}
 			}
 			if err == nil && t.hash {
 				var sum [32]byte
-				if subtle.ConstantTimeCompare(h.Sum(sum[:0]), mf.SHA256[:]) != 1 {
+				hp.sum(&sum)
+				if subtle.ConstantTimeCompare(sum[:], mf.SHA256[:]) != 1 {
 					err = &CorruptError{File: mf.Path, Chunk: -1, Reason: "plaintext SHA-256 does not match the manifest"}
 				}
 			}
@@ -502,7 +514,9 @@ dispatch:
 	return &stats, nil
 }
 
-func (m *Model) decryptShard(ctx context.Context, src Source, fi, j int, out File, h hash.Hash, buf []byte,
+// decryptShard decrypts shard j of file fi into out. With hp set, every chunk is read into
+// a buffer from hp's ring and hashed (in order) by hp after it was written.
+func (m *Model) decryptShard(ctx context.Context, src Source, fi, j int, out File, hp *pipeHasher, buf []byte,
 	opts DecryptOptions, written *atomic.Int64) error {
 	s, err := m.newShardStream(ctx, src, fi, j, buf, opts.Retries)
 	if err != nil {
@@ -510,18 +524,29 @@ func (m *Model) decryptShard(ctx context.Context, src Source, fi, j int, out Fil
 	}
 	defer s.Close()
 	for {
-		pt, off, err := s.nextChunk()
+		b := buf
+		if hp != nil {
+			b = hp.get()
+		}
+		pt, off, err := s.nextChunkInto(b)
+		if err == nil {
+			_, err = out.WriteAt(pt, off)
+			if err != nil {
+				err = fmt.Errorf("modelcrypt: write %q at %d: %w", s.file.Path, off, err)
+			}
+		}
+		if hp != nil {
+			if err == nil {
+				hp.hash(pt)
+			} else {
+				hp.put(b)
+			}
+		}
 		if err == io.EOF {
 			return nil
 		}
 		if err != nil {
 			return err
-		}
-		if h != nil {
-			h.Write(pt)
-		}
-		if _, err := out.WriteAt(pt, off); err != nil {
-			return fmt.Errorf("modelcrypt: write %q at %d: %w", s.file.Path, off, err)
 		}
 		written.Add(int64(len(pt)))
 		if opts.Progress != nil {

@@ -5,7 +5,6 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -151,12 +150,14 @@ func Encrypt(ctx context.Context, key []byte, files []InputFile, dst string, opt
 	for range workers {
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, man.ChunkSize+tagSize)
+			out := make([]byte, man.ChunkSize+tagSize)
+			hp := newPipeHasher(man.ChunkSize, workers == 1 || !pipelinedHashing)
+			defer hp.stop()
 			for i := range jobs {
 				if ctx.Err() != nil {
 					continue
 				}
-				if err := encryptFile(ctx, ks, man, i, files[i].Path, dst, buf, opts.Progress); err != nil {
+				if err := encryptFile(ctx, ks, man, i, files[i].Path, dst, hp, out, opts.Progress); err != nil {
 					errOnce.Do(func() { firstErr = err; cancel(err) })
 				}
 			}
@@ -211,16 +212,18 @@ func writeFileSync(name string, b []byte) error {
 	return errors.Join(err, f.Close())
 }
 
-// encryptFile encrypts file i of man from path into its shard objects and records its SHA-256.
-func encryptFile(ctx context.Context, ks *keySchedule, man *Manifest, i int, path, dst string, buf []byte,
-	progress func(int64)) error {
+// encryptFile encrypts file i of man from path into its shard objects and records its
+// SHA-256. Each chunk is read into a buffer of hp's ring, hashed by hp (on its own
+// goroutine) while this goroutine seals it into out (both only read the buffer).
+func encryptFile(ctx context.Context, ks *keySchedule, man *Manifest, i int, path, dst string, hp *pipeHasher,
+	out []byte, progress func(int64)) error {
 	mf := &man.Files[i]
 	in, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("modelcrypt: %w", err)
 	}
 	defer in.Close()
-	h := sha256.New()
+	hp.reset()
 	var nonce [nonceSize]byte
 	for j, s := range mf.Shards {
 		key := ks.shardKey(man.ChunkSize, mf, j)
@@ -233,35 +236,37 @@ func encryptFile(ctx context.Context, ks *keySchedule, man *Manifest, i int, pat
 		if err != nil {
 			return err
 		}
-		out, err := os.OpenFile(filepath.Join(dst, s.Object), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		obj, err := os.OpenFile(filepath.Join(dst, s.Object), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			return fmt.Errorf("modelcrypt: %w", err)
 		}
 		for c := int64(0); c < s.Chunks; c++ {
 			if err := ctx.Err(); err != nil {
-				out.Close()
+				obj.Close()
 				return context.Cause(ctx)
 			}
 			n := s.chunkPlainSize(c, man.ChunkSize)
+			buf := hp.get()
 			if _, err := io.ReadFull(in, buf[:n]); err != nil {
-				out.Close()
+				hp.put(buf)
+				obj.Close()
 				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 					return fmt.Errorf("modelcrypt: %s: file shrank while being encrypted", path)
 				}
 				return fmt.Errorf("modelcrypt: %w", err)
 			}
-			h.Write(buf[:n])
+			hp.hash(buf[:n])
 			chunkNonce(&nonce, c, c == s.Chunks-1)
-			ct := aead.Seal(buf[:0], nonce[:], buf[:n], nil)
-			if _, err := out.Write(ct); err != nil {
-				out.Close()
+			ct := aead.Seal(out[:0], nonce[:], buf[:n], nil)
+			if _, err := obj.Write(ct); err != nil {
+				obj.Close()
 				return fmt.Errorf("modelcrypt: %w", err)
 			}
 			if progress != nil {
 				progress(int64(n))
 			}
 		}
-		if err := errors.Join(out.Sync(), out.Close()); err != nil {
+		if err := errors.Join(obj.Sync(), obj.Close()); err != nil {
 			return fmt.Errorf("modelcrypt: %w", err)
 		}
 	}
@@ -269,6 +274,6 @@ func encryptFile(ctx context.Context, ks *keySchedule, man *Manifest, i int, pat
 	if n, _ := io.ReadFull(in, one[:]); n != 0 {
 		return fmt.Errorf("modelcrypt: %s: file grew while being encrypted", path)
 	}
-	h.Sum(mf.SHA256[:0])
+	hp.sum(&mf.SHA256)
 	return nil
 }
