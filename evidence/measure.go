@@ -205,6 +205,17 @@ func (p *Platform) recoverLocked() error {
 			return fmt.Errorf("%w: recover: truncate event log: %w", ErrMeasure, err)
 		}
 		slog.Warn("recovered an interrupted measurement: RTMR3 was not extended, record dropped", "rtmr3", w.Old)
+	case cur == [48]byte{}:
+		// RTMR3 is zero only right after boot: the record and the log are from an earlier
+		// boot (a state directory that is not on tmpfs). Keep them aside, start afresh.
+		stamp := time.Now().Unix()
+		for _, f := range []string{p.walPath(), logPath} {
+			if err := os.Rename(f, fmt.Sprintf("%s.stale-%d", f, stamp)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("%w: retire stale state: %w", ErrEventLog, err)
+			}
+		}
+		slog.Warn("RTMR3 is zero: the write-ahead record and event log are from an earlier boot; moved aside")
+		return syncDir(p.stateDir)
 	default:
 		return fmt.Errorf("%w: a measurement was interrupted and RTMR3 (%x) is neither the value before it (%s) nor after it (%s): "+
 			"something else extended RTMR3; see %s", ErrInconsistent, cur, w.Old, w.New, p.walPath())

@@ -560,3 +560,22 @@ func TestMain(m *testing.M) {
 	slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	os.Exit(m.Run())
 }
+
+// A reboot with a persistent state directory and a pending write-ahead record: RTMR3 is zero
+// again, so the old record and log are retired instead of blocking the agent.
+func TestStaleWALAfterReboot(t *testing.T) {
+	e := newEnv(t)
+	p, err := Open(context.Background(), e.opts(TEETDX))
+	require.NoError(t, err)
+	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "a"})
+	require.NoError(t, err)
+	p.hook = crashAt("extend", false)
+	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "b"})
+	require.ErrorIs(t, err, errCrash)
+	p.Close()
+	e.k.SetRTMR(3, [48]byte{}) // reboot
+	p2 := e.open(t, TEETDX)
+	assert.Equal(t, 0, requireConsistent(t, p2))
+	stale, _ := filepath.Glob(filepath.Join(e.state, "*.stale-*"))
+	assert.Len(t, stale, 2)
+}
