@@ -200,6 +200,7 @@ func TestManifestRejects(t *testing.T) {
 		"kind":               func(m *Manifest) { m.Kind = "x" },
 		"ollama no name":     func(m *Manifest) { m.Kind = KindOllama },
 		"files with name":    func(m *Manifest) { m.OllamaModel = "x" },
+		"unsorted":           func(m *Manifest) { m.Files[0].Path, m.Files[1].Path = "e", "a" },
 	}
 	for name, mut := range muts {
 		m := good()

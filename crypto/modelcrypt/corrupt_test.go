@@ -247,7 +247,7 @@ func TestHeaderTampering(t *testing.T) {
 		{"manifest byte", flip(fixedSize + 5), ErrCorrupt, nil},
 		{"tag, checksum fixed", fixChecksum(flip(offTag + 7)), nil, ErrCorrupt},
 		{"manifest size edited, checksum fixed", rawManifestEdit(t, hdr, `"size":330`, `"size":331`), ErrCorrupt, nil},
-		{"file renamed, checksum fixed", rawManifestEdit(t, hdr, `"path":"a"`, `"path":"z"`), nil, ErrCorrupt},
+		{"file renamed, checksum fixed", rawManifestEdit(t, hdr, `"path":"a"`, `"path":"a2"`), nil, ErrCorrupt},
 		{"sha256 edited, checksum fixed", rawManifestEdit(t, hdr, shaA, shaA[:10]+"00"+shaA[12:]), nil, ErrCorrupt},
 		{"kind edited, checksum fixed", rawManifestEdit(t, hdr, `"kind":"files"`, `"kind":"ollama","ollama_model":"x"`), nil, ErrCorrupt},
 		// The salt and the commitment feed the key check: with the checksum fixed, a forged
@@ -355,9 +355,9 @@ func TestVerifyDigestsCatchesWrongDigest(t *testing.T) {
 func TestRenameWithKeyStillDetected(t *testing.T) {
 	objs, man := fixture(t, 1)
 	o := maps.Clone(objs)
-	o[HeaderObject] = resign(t, objs[HeaderObject], testKey(1), func(m *Manifest) { m.Files[0].Path = "renamed" })
+	o[HeaderObject] = resign(t, objs[HeaderObject], testKey(1), func(m *Manifest) { m.Files[0].Path = "a.renamed" })
 	_, err := run(t, o, DecryptOptions{Workers: 1}) // every shard fails: one worker makes the first deterministic
-	requireCorrupt(t, err, "renamed", objOf(man, "a", 0), 0, "authentication")
+	requireCorrupt(t, err, "a.renamed", objOf(man, "a", 0), 0, "authentication")
 }
 
 // recordingSink fails the test if a file is closed before every byte was written, and lets

@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 )
 
@@ -32,7 +34,7 @@ type EncryptOptions struct {
 	Progress    func(n int64)
 }
 
-// Encrypt encrypts files under key into the directory dst, which is created (its parent must
+// Encrypt encrypts files under key into the directory dst (files are stored sorted by Name), which is created (its parent must
 // exist) or must be an empty directory. It reads every input file once, sequentially,
 // hashing and sealing chunk by chunk with reused buffers (constant memory), several files
 // in parallel. The header object is written last (via a temporary name and rename), so a
@@ -61,7 +63,10 @@ func Encrypt(ctx context.Context, key []byte, files []InputFile, dst string, opt
 	if err := checkSizes(man.ChunkSize, man.ShardSize); err != nil {
 		return nil, fmt.Errorf("modelcrypt: %w", err)
 	}
-	// Plan: stat every input, lay out shards, name objects.
+	// Plan: sort by path (the canonical manifest order), stat every input, lay out shards,
+	// name objects.
+	files = slices.Clone(files)
+	slices.SortStableFunc(files, func(a, b InputFile) int { return strings.Compare(a.Name, b.Name) })
 	obj := 0
 	for _, in := range files {
 		if err := ValidPath(in.Name); err != nil {

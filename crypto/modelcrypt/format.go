@@ -49,7 +49,7 @@ type Manifest struct {
 	OllamaModel string         // for KindOllama: e.g. registry.ollama.ai/library/tiny:latest
 	ChunkSize   int            // plaintext bytes per chunk (the last chunk of a shard may be shorter)
 	ShardSize   int64          // plaintext bytes per shard (the last shard of a file may be shorter)
-	Files       []ManifestFile // in encryption order; paths unique
+	Files       []ManifestFile // sorted by Path (byte order); paths unique
 }
 
 // ManifestFile is one plaintext file of the model.
@@ -205,6 +205,9 @@ func (m *Manifest) validate() error {
 		}
 		if paths[f.Path] {
 			return fmt.Errorf("file %d: duplicate path %q", i, f.Path)
+		}
+		if i > 0 && f.Path < m.Files[i-1].Path {
+			return fmt.Errorf("file %d: paths not sorted (%q after %q)", i, f.Path, m.Files[i-1].Path)
 		}
 		paths[f.Path] = true
 		if f.Size < 0 || f.Size > MaxFileSize {

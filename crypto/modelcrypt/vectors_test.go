@@ -139,10 +139,10 @@ func vectorSpecs() []vectorSpec {
 			mutate: func(t *testing.T, objs map[string][]byte, man *Manifest, _ func(byte) map[string][]byte) {
 				delete(objs, shardObj(man, "b.bin", 2))
 			}},
-		{name: "corrupt-file-renamed", desc: "a.bin renamed to c.bin in the manifest (length and checksum fixed up): manifest tag fails",
+		{name: "corrupt-file-renamed", desc: "a.bin renamed to a.bak in the manifest (length and checksum fixed up): manifest tag fails",
 			files: std, opts: o, expect: "corrupt",
 			mutate: func(t *testing.T, objs map[string][]byte, _ *Manifest, _ func(byte) map[string][]byte) {
-				objs[HeaderObject] = rawManifestEdit(t, objs[HeaderObject], `"path":"a.bin"`, `"path":"c.bin"`)
+				objs[HeaderObject] = rawManifestEdit(t, objs[HeaderObject], `"path":"a.bin"`, `"path":"a.bak"`)
 			}},
 		{name: "corrupt-header-checksum", desc: "one manifest bit flipped, checksum not fixed: caught by Open without the key",
 			files: std, opts: o, expect: "corrupt",
