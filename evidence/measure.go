@@ -234,15 +234,19 @@ func (p *Platform) checkFreshLocked() error {
 		return nil
 	}
 	logPath := filepath.Join(p.stateDir, EventLogFile)
-	fi, err := os.Stat(logPath)
-	if err != nil || fi.Size() == 0 {
-		return nil
-	}
 	cur, err := p.regs.Read(3)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrMeasure, err)
 	}
+	fi, err := os.Stat(logPath)
+	if err != nil || fi.Size() == 0 {
+		if cur != ([48]byte{}) {
+			p.warnIfUnreplayable(logPath, cur)
+		}
+		return nil
+	}
 	if cur != ([48]byte{}) {
+		p.warnIfUnreplayable(logPath, cur)
 		return nil
 	}
 	aside := fmt.Sprintf("%s.stale-%d", logPath, time.Now().Unix())
@@ -251,6 +255,32 @@ func (p *Platform) checkFreshLocked() error {
 	}
 	slog.Warn("RTMR3 is zero but the event log is not empty: it is from an earlier boot; moved aside", "old_log", aside)
 	return syncDir(p.stateDir)
+}
+
+// warnIfUnreplayable logs a warning when the agent's records do not fold to RTMR3: something
+// else extended RTMR3 without logging it here, and verifiers replaying the log will refuse it.
+func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
+	b, err := readBounded(logPath)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	l, err := tcg.Walk(b)
+	if err != nil {
+		slog.Warn("the event log is malformed", "log", logPath, "err", err)
+		return
+	}
+	var acc [48]byte
+	for _, r := range l.Records {
+		for _, d := range r.Digests {
+			if r.MRIndex == tcg.MRIndexRTMR3 && d.Alg == tcg.AlgSHA384 {
+				acc = rtmr.ExtendValue(acc, [48]byte(d.Sum))
+			}
+		}
+	}
+	if acc != cur {
+		slog.Warn("RTMR3 does not replay from the agent's event log: another process extends RTMR3 without logging here; verifiers will refuse this evidence",
+			"log", logPath, "rtmr3", hex.EncodeToString(cur[:]), "replayed", hex.EncodeToString(acc[:]))
+	}
 }
 
 // writeLogAt makes the log exactly its first off bytes followed by rec, and syncs it.

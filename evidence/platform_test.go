@@ -579,3 +579,18 @@ func TestStaleWALAfterReboot(t *testing.T) {
 	stale, _ := filepath.Glob(filepath.Join(e.state, "*.stale-*"))
 	assert.Len(t, stale, 2)
 }
+
+// Open warns when RTMR3 does not replay from the agent's log (another writer).
+func TestWarnsWhenUnreplayable(t *testing.T) {
+	var buf bytes.Buffer
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(&buf, nil)))
+	defer slog.SetDefault(old)
+
+	e := newEnv(t)
+	e.open(t, TEETDX).Close()
+	assert.NotContains(t, buf.String(), "does not replay")
+	e.k.SetRTMR(3, sha512.Sum384([]byte("someone else")))
+	e.open(t, TEETDX).Close()
+	assert.Contains(t, buf.String(), "RTMR3 does not replay")
+}
