@@ -169,12 +169,6 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-// measuredEvent is one line of `measure --json`.
-type measuredEvent struct {
-	evidence.Event
-	Digest string `json:"digest"`
-}
-
 func measureAction(c *cli.Context) error {
 	files := c.StringSlice("file")
 	if len(files) > 0 {
@@ -221,13 +215,13 @@ func measureAction(c *cli.Context) error {
 		return err
 	}
 	defer p.Close()
-	var done []measuredEvent
+	done := []evidence.Measurement{}
 	for _, ev := range events {
 		d, err := p.Measure(c.Context, ev)
 		if err != nil {
 			return err
 		}
-		done = append(done, measuredEvent{Event: ev, Digest: hex.EncodeToString(d)})
+		done = append(done, evidence.Measurement{Event: ev, Digest: hex.EncodeToString(d)})
 		if !c.Bool("json") {
 			fmt.Fprintf(c.App.Writer, "%x  %s\n", d, ev.Text())
 		}
