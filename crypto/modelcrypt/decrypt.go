@@ -362,6 +362,15 @@ type Stats struct {
 	Bytes        int64 // plaintext bytes written
 }
 
+// pipelineFile reports whether a file's SHA-256 should run on its own goroutine: when there
+// is more than one worker and the file is more than half of the bytes still to dispatch
+// (counting itself), so the other workers would otherwise run out of work while its lane,
+// bound by the serial hash, is still going. Files of a model with several similar files are
+// hashed inline: one lane per core is faster than two goroutines per lane.
+func pipelineFile(workers int, size, remaining int64) bool {
+	return pipelinedHashing && workers > 1 && size > remaining-size
+}
+
 // Decrypt streams every file of the model (minus those opts.Skip returns true for) into sink.
 // It requires Unlock.
 //
@@ -405,15 +414,18 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 		of     *openFile
 		shards []int // in order
 		hash   bool  // one task covers the whole file, hashed in order
+		pipe   bool  // hash on a separate goroutine (see pipelineFile)
 	}
 	tasks := make(chan task)
 	worker := func() {
 		defer wg.Done()
 		var buf []byte
-		var hp *pipeHasher
+		var hp, hpInline, hpPipe *pipeHasher
 		defer func() {
-			if hp != nil {
-				hp.stop()
+			for _, p := range []*pipeHasher{hpInline, hpPipe} {
+				if p != nil {
+					p.stop()
+				}
 			}
 		}()
 		for t := range tasks {
@@ -422,8 +434,16 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 			}
 			mf := &m.man.Files[t.of.idx]
 			if t.hash {
-				if hp == nil {
-					hp = newPipeHasher(m.man.ChunkSize+tagSize, workers == 1 || !pipelinedHashing)
+				if t.pipe {
+					if hpPipe == nil {
+						hpPipe = newPipeHasher(m.man.ChunkSize+tagSize, false)
+					}
+					hp = hpPipe
+				} else {
+					if hpInline == nil {
+						hpInline = newPipeHasher(m.man.ChunkSize+tagSize, true)
+					}
+					hp = hpInline
 				}
 				hp.reset()
 			} else if buf == nil {
@@ -464,13 +484,25 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 		go worker()
 	}
 
-dispatch:
-	for i := range m.man.Files {
-		mf := m.man.Files[i]
+	// Decide up front which files are decrypted (Skip is called once per file, in order).
+	todo := make([]bool, len(m.man.Files))
+	var remaining int64
+	for i, mf := range m.man.Files {
 		if opts.Skip != nil && opts.Skip(mf) {
 			stats.SkippedFiles++
 			continue
 		}
+		todo[i] = true
+		remaining += mf.Size
+	}
+dispatch:
+	for i := range m.man.Files {
+		if !todo[i] {
+			continue
+		}
+		mf := m.man.Files[i]
+		pipe := pipelineFile(workers, mf.Size, remaining)
+		remaining -= mf.Size
 		if ctx.Err() != nil {
 			break
 		}
@@ -486,7 +518,7 @@ dispatch:
 			for j := range all {
 				all[j] = j
 			}
-			ts = []task{{of: of, shards: all, hash: opts.VerifyDigests}}
+			ts = []task{{of: of, shards: all, hash: opts.VerifyDigests, pipe: pipe}}
 		} else {
 			for j := range mf.Shards {
 				ts = append(ts, task{of: of, shards: []int{j}})

@@ -150,29 +150,54 @@ func Encrypt(ctx context.Context, key []byte, files []InputFile, dst string, opt
 		errOnce  sync.Once
 		firstErr error
 	)
-	jobs := make(chan int)
+	type job struct {
+		i    int
+		pipe bool
+	}
+	jobs := make(chan job)
 	wg.Add(workers)
 	for range workers {
 		go func() {
 			defer wg.Done()
 			out := make([]byte, man.ChunkSize+tagSize)
-			hp := newPipeHasher(man.ChunkSize, workers == 1 || !pipelinedHashing)
-			defer hp.stop()
-			for i := range jobs {
+			var hpInline, hpPipe *pipeHasher
+			defer func() {
+				for _, p := range []*pipeHasher{hpInline, hpPipe} {
+					if p != nil {
+						p.stop()
+					}
+				}
+			}()
+			for j := range jobs {
 				if ctx.Err() != nil {
 					continue
 				}
-				if err := encryptFile(ctx, ks, man, i, files[i].Path, dst, hp, out, opts.Progress); err != nil {
+				var hp *pipeHasher
+				if j.pipe {
+					if hpPipe == nil {
+						hpPipe = newPipeHasher(man.ChunkSize, false)
+					}
+					hp = hpPipe
+				} else {
+					if hpInline == nil {
+						hpInline = newPipeHasher(man.ChunkSize, true)
+					}
+					hp = hpInline
+				}
+				if err := encryptFile(ctx, ks, man, j.i, files[j.i].Path, dst, hp, out, opts.Progress); err != nil {
 					errOnce.Do(func() { firstErr = err; cancel(err) })
 				}
 			}
 		}()
 	}
+	remaining := man.TotalSize()
 	for i := range man.Files {
+		size := man.Files[i].Size
 		select {
-		case jobs <- i:
+		case jobs <- job{i, pipelineFile(workers, size, remaining)}:
 		case <-ctx.Done():
 		}
+		remaining -= size
 	}
 	close(jobs)
 	wg.Wait()
