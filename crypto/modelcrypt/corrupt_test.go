@@ -293,6 +293,9 @@ func TestUnknownVersion(t *testing.T) {
 		_, err := ParseHeader(fixChecksum(h))
 		require.ErrorIs(t, err, ErrUnsupportedVersion)
 		assert.Contains(t, err.Error(), fmt.Sprint(v))
+		// The version is checked before anything else after the magic.
+		_, err = ParseHeader(h[:12])
+		require.ErrorIs(t, err, ErrUnsupportedVersion)
 	}
 }
 

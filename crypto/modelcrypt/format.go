@@ -327,11 +327,13 @@ func parseHeader(b []byte) (*header, *Manifest, error) {
 	if len(b) < len(magic) || string(b[:len(magic)]) != magic {
 		return nil, nil, ErrNotModel
 	}
+	if len(b) >= offVersion+2 {
+		if v := binary.BigEndian.Uint16(b[offVersion:]); v != Version {
+			return nil, nil, fmt.Errorf("%w: version %d (this reader supports %d)", ErrUnsupportedVersion, v, Version)
+		}
+	}
 	if len(b) < fixedSize {
 		return nil, nil, headerCorrupt("header truncated: %d bytes", len(b))
-	}
-	if v := binary.BigEndian.Uint16(b[offVersion:]); v != Version {
-		return nil, nil, fmt.Errorf("%w: version %d (this reader supports %d)", ErrUnsupportedVersion, v, Version)
 	}
 	if r := binary.BigEndian.Uint16(b[offReserved:]); r != 0 {
 		return nil, nil, headerCorrupt("reserved field is %#x, want 0", r)
