@@ -12,6 +12,7 @@ import (
 	"io"
 	"io/fs"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 )
@@ -488,6 +489,7 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 	todo := make([]bool, len(m.man.Files))
 	var remaining int64
 	for i, mf := range m.man.Files {
+		mf.Shards = slices.Clone(mf.Shards) // Skip gets a copy it cannot use to alter ours
 		if opts.Skip != nil && opts.Skip(mf) {
 			stats.SkippedFiles++
 			continue
