@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -503,4 +505,20 @@ func TestCancel(t *testing.T) {
 	_, err = m.Decrypt(ctx, src, sink, DecryptOptions{})
 	require.ErrorIs(t, err, context.Canceled)
 	assert.Empty(t, sink.closedFiles())
+}
+
+// The same checks through the real directory source, on files truncated and swapped on disk.
+func TestDirSourceCorruption(t *testing.T) {
+	files := map[string][]byte{"a": pattern(1, 1000), "b": pattern(2, 1000)}
+	dir, man := encryptTo(t, testKey(1), files, EncryptOptions{ChunkSize: 64, ShardSize: 512})
+	a1 := filepath.Join(dir, objOf(man, "a", 1))
+	st, err := os.Stat(a1)
+	require.NoError(t, err)
+	require.NoError(t, os.Truncate(a1, st.Size()-16)) // drop the last chunk's tag
+	_, _, err = decryptDir(t, dir, testKey(1), DecryptOptions{})
+	requireCorrupt(t, err, "a", objOf(man, "a", 1), man.Files[0].Shards[1].Chunks-1, "truncated inside")
+
+	require.NoError(t, os.Remove(a1))
+	_, _, err = decryptDir(t, dir, testKey(1), DecryptOptions{})
+	requireCorrupt(t, err, "a", objOf(man, "a", 1), -1, "missing")
 }
