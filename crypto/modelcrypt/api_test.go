@@ -221,3 +221,29 @@ func TestManifestRejects(t *testing.T) {
 		require.ErrorIs(t, err, ErrCorrupt, name)
 	}
 }
+
+func TestModelAccessors(t *testing.T) {
+	objs, man := fixture(t, 1)
+	src := &memSource{objs: objs}
+	m, err := Open(context.Background(), src)
+	require.NoError(t, err)
+	assert.Equal(t, 1, m.Version())
+	assert.False(t, m.Unlocked())
+	for _, f := range man.Files {
+		for _, s := range f.Shards {
+			assert.Equal(t, int64(len(objs[s.Object])), s.EncryptedSize(), s.Object)
+		}
+	}
+	assert.Equal(t, int64(660), m.Manifest().TotalSize())
+	// Manifest returns a copy.
+	m.Manifest().Files[0].Shards[0].Object = "changed"
+	assert.Equal(t, man.Files[0].Shards[0].Object, m.Manifest().Files[0].Shards[0].Object)
+	require.NoError(t, m.Unlock(testKey(1)))
+	assert.True(t, m.Unlocked())
+	m.Lock()
+	assert.False(t, m.Unlocked())
+	_, err = m.Decrypt(context.Background(), src, newMemSink(), DecryptOptions{})
+	require.ErrorIs(t, err, ErrLocked)
+	_, err = m.DecryptChunk(nil, 0, 0, 0, nil)
+	require.ErrorIs(t, err, ErrLocked)
+}
