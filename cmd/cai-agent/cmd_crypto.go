@@ -322,6 +322,27 @@ func rate(n int64, d time.Duration) string {
 	return fmt.Sprintf("%.2f GB/s", float64(n)/d.Seconds()/1e9)
 }
 
+// openInput opens in as a cai-agent encrypted model (a directory with model.cai), or reports
+// CCZoo input (a *.aes file, or a directory with encryption-config.json or *.aes files and
+// no model.cai).
+func openInput(c *cli.Context, in string) (*modelcrypt.Model, bool, error) {
+	st, err := os.Stat(in)
+	if err != nil {
+		return nil, false, err
+	}
+	if st.Mode().IsRegular() {
+		if ccz.Detect(in) {
+			return nil, true, nil
+		}
+		return nil, false, fmt.Errorf("%w: %s is a file (a cai-agent encrypted model is a directory; CCZoo files end in %s)", modelcrypt.ErrNotModel, in, ccz.Suffix)
+	}
+	m, err := modelcrypt.Open(c.Context, modelcrypt.DirSource(in))
+	if errors.Is(err, modelcrypt.ErrNotModel) && ccz.Detect(in) {
+		return nil, true, nil
+	}
+	return m, false, err
+}
+
 func cmdDecrypt(c *cli.Context) error {
 	if err := requireFlags(c, "in", "out"); err != nil {
 		return err
@@ -335,9 +356,9 @@ func cmdDecrypt(c *cli.Context) error {
 	defer clear(key)
 	var res *store.Result
 	src := modelcrypt.DirSource(in)
-	m, err := modelcrypt.Open(c.Context, src)
+	m, isCCZ, err := openInput(c, in)
 	switch {
-	case err == nil:
+	case err == nil && !isCCZ:
 		if err := m.Unlock(key); err != nil {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
@@ -345,7 +366,7 @@ func cmdDecrypt(c *cli.Context) error {
 		if res, err = store.Unpack(c.Context, m, src, out, opts); err != nil {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
-	case errors.Is(err, modelcrypt.ErrNotModel) && ccz.Detect(in):
+	case err == nil:
 		input, err := ccz.Load(in, ccz.Options{})
 		if err != nil {
 			return fmt.Errorf("decrypt %s (CCZoo format): %w", in, err)
@@ -453,9 +474,9 @@ func cmdInspect(c *cli.Context) error {
 	}
 	in := c.String("in")
 	var out inspectJSON
-	m, err := modelcrypt.Open(c.Context, modelcrypt.DirSource(in))
+	m, isCCZ, err := openInput(c, in)
 	switch {
-	case err == nil:
+	case err == nil && !isCCZ:
 		man := m.Manifest()
 		sum := m.ManifestSHA256()
 		out = inspectJSON{Format: "cai-agent", Version: m.Version(), KeyHint: m.KeyHint(), Kind: man.Kind, OllamaModel: man.OllamaModel,
@@ -469,7 +490,7 @@ func cmdInspect(c *cli.Context) error {
 			}
 			out.Files = append(out.Files, fj)
 		}
-	case errors.Is(err, modelcrypt.ErrNotModel) && ccz.Detect(in):
+	case err == nil:
 		input, err := ccz.Load(in, ccz.Options{})
 		if err != nil {
 			return fmt.Errorf("inspect %s (CCZoo format): %w", in, err)
