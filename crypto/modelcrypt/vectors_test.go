@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -340,4 +341,23 @@ func TestVectors(t *testing.T) {
 			require.Equal(t, string(raw), string(buildVector(t, v)), "vector is stale: run with -update")
 		})
 	}
+}
+
+// TestVectorsIndependent decrypts every vector with testdata/specdec.py, a second
+// implementation written from SPEC.md alone (Python, pyca/cryptography). Skipped when
+// python3 or its cryptography package is missing.
+func TestVectorsIndependent(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("no python3")
+	}
+	if exec.Command(py, "-c", "import cryptography.hazmat.primitives.ciphers.aead").Run() != nil {
+		t.Skip("python3 has no cryptography package")
+	}
+	paths, err := filepath.Glob(filepath.Join(vectorDir, "*.txtar"))
+	require.NoError(t, err)
+	require.NotEmpty(t, paths)
+	out, err := exec.Command(py, append([]string{"testdata/specdec.py"}, paths...)...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Equal(t, len(paths), strings.Count(string(out), "PASS "), "%s", out)
 }
