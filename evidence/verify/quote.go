@@ -1,0 +1,173 @@
+package verify
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+
+	"github.com/google/go-tdx-guest/abi"
+	pb "github.com/google/go-tdx-guest/proto/tdx"
+)
+
+// Hex is a byte string whose JSON form is lowercase hex.
+type Hex []byte
+
+// MarshalJSON implements json.Marshaler.
+func (h Hex) MarshalJSON() ([]byte, error) { return json.Marshal(hex.EncodeToString(h)) }
+
+// UnmarshalJSON implements json.Unmarshaler (hex, either case).
+func (h *Hex) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	v, err := hex.DecodeString(s)
+	if err != nil {
+		return fmt.Errorf("not hex: %q", s)
+	}
+	*h = v
+	return nil
+}
+
+func (h Hex) String() string { return hex.EncodeToString(h) }
+
+// TD_ATTRIBUTES bits (little-endian 64-bit field; Intel TDX module ABI).
+const (
+	TDAttrDebug         = 1 << 0
+	TDAttrSEPTVEDisable = 1 << 28
+	TDAttrPKS           = 1 << 30
+	TDAttrKL            = 1 << 31
+	TDAttrPerfmon       = 1 << 63
+)
+
+// Quote is a TD quote's header and report body, the same for quote versions 4 and 5. Byte
+// fields keep the quote's byte order; JSON renders them as lowercase hex.
+type Quote struct {
+	// Version is the quote format version (4 or 5).
+	Version uint32 `json:"version"`
+	// TEEType is 0x81 (TDX).
+	TEEType uint32 `json:"tee_type"`
+	QESVN   uint32 `json:"qe_svn"`
+	PCESVN  uint32 `json:"pce_svn"`
+	// BodyType is, for v5, 2 (TDX 1.0 body) or 3 (TDX 1.5 body); 0 for v4.
+	BodyType uint32 `json:"body_type,omitempty"`
+
+	TEETCBSVN      Hex `json:"tee_tcb_svn"`
+	MRSEAM         Hex `json:"mr_seam"`
+	MRSignerSEAM   Hex `json:"mr_signer_seam"`
+	SEAMAttributes Hex `json:"seam_attributes"`
+	TDAttributes   Hex `json:"td_attributes"`
+	XFAM           Hex `json:"xfam"`
+	MRTD           Hex `json:"mr_td"`
+	MRConfigID     Hex `json:"mr_config_id"`
+	MROwner        Hex `json:"mr_owner"`
+	MROwnerConfig  Hex `json:"mr_owner_config"`
+	RTMR0          Hex `json:"rtmr0"`
+	RTMR1          Hex `json:"rtmr1"`
+	RTMR2          Hex `json:"rtmr2"`
+	RTMR3          Hex `json:"rtmr3"`
+	ReportData     Hex `json:"report_data"`
+	// Debug is TD_ATTRIBUTES bit 0: the TD is debuggable, so its memory is not confidential.
+	Debug bool `json:"debug"`
+
+	// TEETCBSVN2 and MRServiceTD exist only in TDX 1.5 bodies (v5, body type 3).
+	TEETCBSVN2  Hex `json:"tee_tcb_svn2,omitempty"`
+	MRServiceTD Hex `json:"mr_servicetd,omitempty"`
+}
+
+// RTMRs returns RTMR0..3.
+func (q *Quote) RTMRs() [4][48]byte {
+	var out [4][48]byte
+	for i, r := range []Hex{q.RTMR0, q.RTMR1, q.RTMR2, q.RTMR3} {
+		copy(out[i][:], r)
+	}
+	return out
+}
+
+// rtmr returns RTMR i.
+func (q *Quote) rtmr(i int) Hex { return []Hex{q.RTMR0, q.RTMR1, q.RTMR2, q.RTMR3}[i] }
+
+// tdAttributes returns TD_ATTRIBUTES as a little-endian integer.
+func (q *Quote) tdAttributes() uint64 {
+	var v uint64
+	for i := len(q.TDAttributes) - 1; i >= 0; i-- {
+		v = v<<8 | uint64(q.TDAttributes[i])
+	}
+	return v
+}
+
+// ParseQuote parses a raw TD quote, v4 or v5 (trailing padding, as some providers return, is
+// allowed), with go-tdx-guest's abi, which checks the header, sizes and TEE type. It does not
+// verify anything: use VerifyQuote. Errors wrap ErrFormat.
+func ParseQuote(raw []byte) (*Quote, error) {
+	q, _, err := parseQuote(raw)
+	return q, err
+}
+
+// parseQuote returns the neutral Quote and go-tdx-guest's proto (for verify).
+func parseQuote(raw []byte) (*Quote, any, error) {
+	p, err := abi.QuoteToProto(raw)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: not a TD quote v4/v5: %v", ErrFormat, err)
+	}
+	if err := abi.CheckQuote(p); err != nil {
+		return nil, nil, fmt.Errorf("%w: TD quote: %v", ErrFormat, err)
+	}
+	var (
+		q    Quote
+		hdr  *pb.Header
+		body interface {
+			GetTeeTcbSvn() []byte
+			GetMrSeam() []byte
+			GetMrSignerSeam() []byte
+			GetSeamAttributes() []byte
+			GetTdAttributes() []byte
+			GetXfam() []byte
+			GetMrTd() []byte
+			GetMrConfigId() []byte
+			GetMrOwner() []byte
+			GetMrOwnerConfig() []byte
+			GetRtmrs() [][]byte
+			GetReportData() []byte
+		}
+	)
+	switch p := p.(type) {
+	case *pb.QuoteV4:
+		hdr, body = p.GetHeader(), p.GetTdQuoteBody()
+	case *pb.QuoteV5:
+		hdr = p.GetHeader()
+		d := p.GetTdQuoteBodyDescriptor()
+		v5 := d.GetTdQuoteBodyV5()
+		body = v5
+		q.BodyType = uint32(d.GetTdQuoteBodyType())
+		if q.BodyType == 3 {
+			q.TEETCBSVN2, q.MRServiceTD = v5.GetTeeTcbSvn2(), v5.GetMrServiceTd()
+		}
+	default:
+		return nil, nil, fmt.Errorf("%w: unsupported quote type %T", ErrFormat, p)
+	}
+	q.Version, q.TEEType, q.QESVN, q.PCESVN = hdr.GetVersion(), hdr.GetTeeType(), le16(hdr.GetQeSvn()), le16(hdr.GetPceSvn())
+	q.TEETCBSVN, q.MRSEAM, q.MRSignerSEAM = body.GetTeeTcbSvn(), body.GetMrSeam(), body.GetMrSignerSeam()
+	q.SEAMAttributes, q.TDAttributes, q.XFAM = body.GetSeamAttributes(), body.GetTdAttributes(), body.GetXfam()
+	q.MRTD, q.MRConfigID, q.MROwner, q.MROwnerConfig = body.GetMrTd(), body.GetMrConfigId(), body.GetMrOwner(), body.GetMrOwnerConfig()
+	q.ReportData = body.GetReportData()
+	r := body.GetRtmrs()
+	if len(r) != 4 || len(q.ReportData) != 64 || len(q.TDAttributes) != 8 || len(q.TEETCBSVN) != 16 || len(q.MRTD) != 48 {
+		return nil, nil, fmt.Errorf("%w: TD quote body has wrong field sizes", ErrFormat)
+	}
+	for i := range r {
+		if len(r[i]) != 48 {
+			return nil, nil, fmt.Errorf("%w: TD quote RTMR%d is %d bytes", ErrFormat, i, len(r[i]))
+		}
+	}
+	q.RTMR0, q.RTMR1, q.RTMR2, q.RTMR3 = r[0], r[1], r[2], r[3]
+	q.Debug = q.tdAttributes()&TDAttrDebug != 0
+	return &q, p, nil
+}
+
+func le16(b []byte) uint32 {
+	if len(b) != 2 {
+		return 0
+	}
+	return uint32(b[0]) | uint32(b[1])<<8
+}

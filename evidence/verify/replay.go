@@ -1,0 +1,95 @@
+package verify
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/eventlog"
+)
+
+// Replay is an event log replayed against a quote's RTMRs.
+type Replay struct {
+	// RTMRs are the replayed values.
+	RTMRs [4]Hex `json:"rtmrs"`
+	// Compared lists the RTMR indexes compared with the quote (always including 3).
+	Compared []int `json:"compared"`
+	// Measurements are the AAEL events of RTMR3, in order, with their digests.
+	Measurements []evidence.Measurement `json:"measurements"`
+	// Model is the model of the last cai-agent Model event in RTMR3, or nil.
+	Model *evidence.ModelInfo `json:"model"`
+	// OtherRTMR3Records counts RTMR3 records that are not AAEL events.
+	OtherRTMR3Records int `json:"other_rtmr3_records"`
+}
+
+// ReplayLog parses an event log (a firmware CCEL, an agent log, or a cc_eventlog joining
+// them; nil or empty is a log without events), replays it into RTMR0..3 and compares them
+// with rtmrs, the values of a verified quote:
+//
+//   - RTMR3 is ALWAYS compared, even when the log has no RTMR3 event (a log that omits
+//     events replays to a different value, so a quote whose RTMR3 is non-zero cannot be
+//     passed off with an empty or truncated log);
+//   - RTMR0..2 are all compared when the log has any RTMR0..2 event (it covers boot), or when
+//     requireBoot is set; otherwise (an agent-only log) they are not, and a Policy can pin
+//     them by value instead.
+//
+// Only after a successful comparison are the RTMR3 events — returned as Measurements and
+// Model — as trustworthy as the quote. Errors wrap ErrFormat (unparseable log, malformed
+// model event) or ErrReplay (naming the first RTMR that differs).
+func ReplayLog(log []byte, rtmrs [4][48]byte, requireBoot bool) (*Replay, error) {
+	var recs []eventlog.Record
+	if len(log) > 0 {
+		var err error
+		if recs, err = eventlog.Parse(log); err != nil {
+			return nil, fmt.Errorf("%w: event log: %v", ErrFormat, err)
+		}
+	}
+	got, err := eventlog.Replay(recs)
+	if err != nil {
+		return nil, fmt.Errorf("%w: event log: %v", ErrFormat, err)
+	}
+	cmp := []int{3}
+	if requireBoot || eventlog.CoversBoot(recs) {
+		cmp = []int{0, 1, 2, 3}
+	}
+	if err := eventlog.Match(got, rtmrs, cmp...); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrReplay, err)
+	}
+	r := &Replay{Compared: cmp}
+	for i := range got {
+		r.RTMRs[i] = Hex(got[i][:])
+	}
+	r.Measurements, _ = eventlog.Measurements(recs)
+	for _, rec := range recs {
+		if rec.MRIndex == eventlog.MRIndexRTMR3 && rec.Type != eventlog.EvNoAction && rec.AAEL == nil {
+			r.OtherRTMR3Records++
+		}
+	}
+	// The model is the LAST Model event, parsed strictly: a malformed one is not skipped in
+	// favour of an earlier one.
+	for i := len(r.Measurements) - 1; i >= 0; i-- {
+		if m := r.Measurements[i]; isOurs(m.Event, evidence.OpModel) {
+			mi, err := parseModel(m.Content)
+			if err != nil {
+				return nil, fmt.Errorf("%w: last model event %q: %v", ErrFormat, truncate(m.Content, 120), err)
+			}
+			r.Model = mi
+			break
+		}
+	}
+	return r, nil
+}
+
+func parseModel(content string) (*evidence.ModelInfo, error) {
+	var mi evidence.ModelInfo
+	dec := json.NewDecoder(strings.NewReader(content))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&mi); err != nil || dec.More() {
+		return nil, fmt.Errorf("content is not {\"manifest_sha256\",\"name\"} JSON")
+	}
+	if mi.Name == "" {
+		return nil, fmt.Errorf("empty model name")
+	}
+	return &mi, nil
+}
