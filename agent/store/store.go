@@ -257,6 +257,29 @@ func (p *publisher) appendRecord(fis ...FileInfo) error {
 	return f.Close()
 }
 
+// compactRecord rewrites the publish record with one line per path (atomically), so it does
+// not grow with every run.
+func (p *publisher) compactRecord() error {
+	paths := make([]string, 0, len(p.record))
+	for k, fi := range p.record {
+		if fi.SHA256 != "" {
+			paths = append(paths, k)
+		}
+	}
+	slices.Sort(paths)
+	var buf bytes.Buffer
+	for _, k := range paths {
+		b, _ := json.Marshal(p.record[k])
+		buf.Write(b)
+		buf.WriteByte('\n')
+	}
+	name := filepath.Join(p.meta, RecordFile)
+	if err := writeFileSync(name+".tmp", buf.Bytes()); err != nil {
+		return err
+	}
+	return os.Rename(name+".tmp", name)
+}
+
 // identical reports whether OUT/rel is already the published file with this size and digest.
 func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	if strings.Split(rel, "/")[0] == MetaDir {
@@ -282,6 +305,9 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	}
 	return hex.EncodeToString(h.Sum(nil)) == hexSum
 }
+
+// testHookRenamed, if set (tests only), is called after each file is renamed into place.
+var testHookRenamed func(rel string)
 
 // stagedFile is a verified file in staging waiting to be renamed into place.
 type stagedFile struct {
@@ -323,7 +349,6 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 			return 1
 		}
 	})
-	dirs := map[string]bool{}
 	for _, f := range ordered {
 		dst := filepath.Join(p.out, filepath.FromSlash(f.rel))
 		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
@@ -340,10 +365,15 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 		if err := syncDir(filepath.Dir(dst)); err != nil {
 			return fmt.Errorf("store: publish %s: %w", f.rel, err)
 		}
-		dirs[filepath.Dir(dst)] = true
+		if testHookRenamed != nil {
+			testHookRenamed(f.rel)
+		}
 		if err := p.appendRecord(FileInfo{Path: f.rel, Size: f.size, SHA256: hex.EncodeToString(f.sum[:])}); err != nil {
 			return fmt.Errorf("store: record: %w", err)
 		}
+	}
+	if err := p.compactRecord(); err != nil {
+		return fmt.Errorf("store: record: %w", err)
 	}
 	ready.PublishedAt = time.Now().UTC()
 	b, err := json.MarshalIndent(ready, "", "  ")

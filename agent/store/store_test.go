@@ -321,6 +321,15 @@ func TestUnpackOllamaManifestLast(t *testing.T) {
 	store, enc, files := ollamaModel(t, key, "cai.local/test/tiny:v1")
 	m := openModel(t, key, enc)
 	out := shmDir(t)
+	var renamed []string
+	testHookRenamed = func(rel string) {
+		renamed = append(renamed, rel)
+		if len(renamed) < len(files) {
+			_, err := os.Stat(filepath.Join(out, "manifests"))
+			assert.ErrorIs(t, err, fs.ErrNotExist, "manifest visible before all blobs")
+		}
+	}
+	defer func() { testHookRenamed = nil }()
 	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
 	requireTree(t, out, files)
@@ -333,12 +342,13 @@ func TestUnpackOllamaManifestLast(t *testing.T) {
 	got, err := ollama.ModelFiles(out, "cai.local/test/tiny:v1")
 	require.NoError(t, err, "OUT is a valid Ollama store")
 	assert.Len(t, got, len(files))
-	// The publish record shows the order of the renames: the manifest last.
+	// The renames happened blobs first, the manifest last.
 	rec := readRecord(t, out)
 	require.Len(t, rec, len(files))
-	assert.Equal(t, "manifests/cai.local/test/tiny/v1", rec[len(rec)-1].Path)
-	for _, r := range rec[:len(rec)-1] {
-		assert.True(t, strings.HasPrefix(r.Path, "blobs/sha256-"), r.Path)
+	assert.Equal(t, []string{"manifests/cai.local/test/tiny/v1"}, renamed[len(renamed)-1:])
+	require.Len(t, renamed, len(files))
+	for _, r := range renamed[:len(renamed)-1] {
+		assert.True(t, strings.HasPrefix(r, "blobs/sha256-"), r)
 	}
 	// Nothing but blobs in blobs/ (Ollama would delete anything else).
 	ents, err := os.ReadDir(filepath.Join(out, "blobs"))
