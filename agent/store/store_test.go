@@ -202,6 +202,7 @@ func TestUnpackRefusesNonTmpfs(t *testing.T) {
 	// With AllowNonTmpfs it works, and a rerun re-hashes (the record is not trusted).
 	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{AllowNonTmpfs: true})
 	require.NoError(t, err)
+	assert.Equal(t, len(testFiles), res.Files)
 	requireTree(t, out, testFiles)
 	// Change a published file behind our back, keeping its size: only a re-hash notices.
 	p := filepath.Join(out, "model-00001.safetensors")
