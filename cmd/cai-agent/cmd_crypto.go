@@ -123,6 +123,9 @@ func loadKey(c *cli.Context) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("key file: %w", err)
 		}
+		if st, err := f.Stat(); err == nil && st.Mode().Perm()&0o077 != 0 {
+			slog.Warn("key file is readable by other users; use mode 0600", "file", file, "mode", st.Mode().Perm().String())
+		}
 		raw, err = io.ReadAll(io.LimitReader(f, maxKeyFileSize+1))
 		f.Close()
 		if err != nil {

@@ -379,3 +379,22 @@ func FuzzParseHeader(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseConfig(f *testing.F) {
+	if b, err := os.ReadFile(filepath.Join(fixtureDir, "dir", ConfigName)); err == nil {
+		f.Add(b)
+	}
+	f.Add([]byte(`{"files":[]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := ParseConfig(b)
+		if err != nil {
+			return
+		}
+		if c.Files == nil {
+			t.Fatal("accepted a config without files")
+		}
+		for _, n := range c.Files {
+			_ = baseName(n)
+		}
+	})
+}

@@ -186,6 +186,12 @@ func readConfig(name string) (*Config, error) {
 	if len(b) > maxConfigSize {
 		return nil, fmt.Errorf("%w: %s larger than %d bytes", ErrFormat, ConfigName, maxConfigSize)
 	}
+	return ParseConfig(b)
+}
+
+// ParseConfig parses encryption-config.json: one JSON object with a "files" list (nothing
+// after it). Unknown fields are ignored, as the peer ignores them.
+func ParseConfig(b []byte) (*Config, error) {
 	var c Config
 	dec := json.NewDecoder(bytes.NewReader(b))
 	if err := dec.Decode(&c); err != nil {
