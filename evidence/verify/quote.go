@@ -1,6 +1,8 @@
 package verify
 
 import (
+	"bytes"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -170,4 +172,28 @@ func le16(b []byte) uint32 {
 		return 0
 	}
 	return uint32(b[0]) | uint32(b[1])<<8
+}
+
+// DecodeQuote returns the raw quote in b, which holds a quote as quote files and APIs carry
+// it: raw bytes (a TD quote starts with its version, 4 or 5, as a little-endian u16), lowercase
+// or uppercase hex (optionally "0x"-prefixed; the Open WebUI quote API's form), or standard or
+// URL-safe base64 (Trustee's and `cai-agent evidence --json`'s form), with surrounding
+// whitespace. A sample TEE quote (a JSON object) is returned unchanged. The encodings cannot
+// be confused: a raw TD quote's first byte is not printable.
+func DecodeQuote(b []byte) []byte {
+	t := bytes.TrimSpace(b)
+	if len(t) == 0 || t[0] == '{' {
+		return b
+	}
+	if h := bytes.TrimPrefix(t, []byte("0x")); len(h)%2 == 0 {
+		if v, err := hex.DecodeString(string(h)); err == nil {
+			return v
+		}
+	}
+	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.URLEncoding, base64.RawStdEncoding, base64.RawURLEncoding} {
+		if v, err := enc.DecodeString(string(t)); err == nil {
+			return v
+		}
+	}
+	return b
 }

@@ -3,6 +3,7 @@ package verify
 import (
 	"context"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"io"
 	"os"
@@ -248,4 +249,20 @@ func TestQuoteJSON(t *testing.T) {
 	}
 	_, err = hex.DecodeString(q.MRSEAM.String())
 	require.NoError(t, err)
+}
+
+func TestDecodeQuote(t *testing.T) {
+	raw := fixture(t, "tdx_prod_quote_SPR_E4.dat")
+	for name, in := range map[string][]byte{
+		"raw":       raw,
+		"hex":       []byte(hex.EncodeToString(raw) + "\n"),
+		"HEX 0x":    []byte("0x" + strings.ToUpper(hex.EncodeToString(raw))),
+		"base64":    []byte(base64.StdEncoding.EncodeToString(raw) + "\n"),
+		"base64url": []byte(base64.RawURLEncoding.EncodeToString(raw)),
+	} {
+		assert.Equal(t, raw, DecodeQuote(in), name)
+	}
+	js := []byte(`{"svn":"1"}`)
+	assert.Equal(t, js, DecodeQuote(js))
+	assert.Equal(t, []byte("not a quote!"), DecodeQuote([]byte("not a quote!")))
 }
