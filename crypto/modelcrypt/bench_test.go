@@ -107,21 +107,23 @@ func reportPeakRSS(b *testing.B) {
 
 var benchChunkSizes = []int{64 << 10, 256 << 10, 1 << 20, 4 << 20}
 
-// benchModes: AEAD only; SHA-256 re-hash on a separate goroutine (the default); SHA-256
-// inline in the decrypting goroutine (for comparison).
+// benchModes: AEAD only; AEAD only without spreading a lone shard's chunks over the
+// workers (for comparison); SHA-256 re-hash on a separate goroutine for the dominant file
+// (the default); SHA-256 always inline in the decrypting goroutine (for comparison).
 var benchModes = []struct {
 	name              string
 	verify, pipelined bool
 }{
 	{"aead", false, true},
+	{"aead-serial", false, false},
 	{"verify-sha256", true, true},
 	{"verify-sha256-inline", true, false},
 }
 
 func setPipelined(on bool) (restore func()) {
-	old := pipelinedHashing
-	pipelinedHashing = on
-	return func() { pipelinedHashing = old }
+	old := pipelining
+	pipelining = on
+	return func() { pipelining = old }
 }
 
 func BenchmarkDecrypt(b *testing.B) {
@@ -145,21 +147,30 @@ func BenchmarkDecrypt(b *testing.B) {
 	}
 }
 
-// BenchmarkDecryptOneFile is the single-big-file case (one 1 GiB GGUF, 2 shards of 512 MiB).
+// BenchmarkDecryptOneFile is the single-big-file case (one GGUF): one shard (the default
+// 2 GiB shard size) and two shards.
 func BenchmarkDecryptOneFile(b *testing.B) {
 	dir := benchDir(b)
 	total := benchMiB(b) << 20
 	in := writePlain(b, dir, total, 1)
 	key := testKey(9)
-	enc := filepath.Join(dir, "enc")
-	if _, err := Encrypt(context.Background(), key, in, enc, EncryptOptions{ShardSize: total / 2}); err != nil {
-		b.Fatal(err)
-	}
-	for _, mode := range benchModes {
-		b.Run(mode.name, func(b *testing.B) {
-			defer setPipelined(mode.pipelined)()
-			benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: mode.verify})
-		})
+	for _, shards := range []int64{1, 2} {
+		enc := filepath.Join(dir, "enc")
+		os.RemoveAll(enc)
+		shardSize := int64(0)
+		if shards > 1 {
+			shardSize = total / shards
+		}
+		if _, err := Encrypt(context.Background(), key, in, enc, EncryptOptions{ShardSize: shardSize}); err != nil {
+			b.Fatal(err)
+		}
+		for _, mode := range benchModes {
+			b.Run(fmt.Sprintf("shards=%d/%s", shards, mode.name), func(b *testing.B) {
+				defer setPipelined(mode.pipelined)()
+				benchDecryptOnce(b, enc, filepath.Join(dir, "out"), key, total, DecryptOptions{VerifyDigests: mode.verify})
+			})
+		}
+		os.RemoveAll(enc)
 	}
 }
 
@@ -282,6 +293,53 @@ func BenchmarkChunkSizes(b *testing.B) {
 				}
 				best[name] = max(best[name], mbs)
 			}
+		}
+	}
+	b.StopTimer()
+	os.RemoveAll(out)
+	for name, v := range best {
+		b.ReportMetric(v, name)
+	}
+}
+
+// BenchmarkABOneFile compares, interleaved round by round (so that load from other processes
+// hits both alike), the dominant-file optimisations on and off for one 1-shard file, and
+// reports the best throughput of each. Default 512 MiB.
+func BenchmarkABOneFile(b *testing.B) {
+	dir := benchDir(b)
+	total := int64(512) << 20
+	if os.Getenv("CAI_BENCH_MIB") != "" {
+		total = benchMiB(b) << 20
+	}
+	in := writePlain(b, dir, total, 1)
+	key := testKey(9)
+	enc := filepath.Join(dir, "enc")
+	if _, err := Encrypt(context.Background(), key, in, enc, EncryptOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	src := DirSource(enc)
+	m, err := Open(context.Background(), src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := m.Unlock(key); err != nil {
+		b.Fatal(err)
+	}
+	best := map[string]float64{}
+	out := filepath.Join(dir, "out")
+	b.ResetTimer()
+	for range b.N {
+		for _, mode := range benchModes {
+			b.StopTimer()
+			os.RemoveAll(out)
+			restore := setPipelined(mode.pipelined)
+			b.StartTimer()
+			start := time.Now()
+			if _, err := m.Decrypt(context.Background(), src, osSink(out), DecryptOptions{VerifyDigests: mode.verify}); err != nil {
+				b.Fatal(err)
+			}
+			best[mode.name+"-MB/s"] = max(best[mode.name+"-MB/s"], float64(total)/time.Since(start).Seconds()/1e6)
+			restore()
 		}
 	}
 	b.StopTimer()

@@ -12,6 +12,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -521,4 +522,48 @@ func TestDirSourceCorruption(t *testing.T) {
 	require.NoError(t, os.Remove(a1))
 	_, _, err = decryptDir(t, dir, testKey(1), DecryptOptions{})
 	requireCorrupt(t, err, "a", objOf(man, "a", 1), -1, "missing")
+}
+
+// A lone single-shard file is decrypted with its chunks spread over all workers
+// (decryptShardParallel): the same corruption classes must be caught, and nothing closed.
+func TestParallelShardCorruption(t *testing.T) {
+	data := pattern(5, 64*20+7) // 21 chunks in one shard
+	dir, man := encryptTo(t, testKey(1), map[string][]byte{"one": data}, EncryptOptions{ChunkSize: 64})
+	objs := loadDir(t, dir)
+	obj := man.Files[0].Shards[0].Object
+	require.True(t, pipelineFile(2, man.Files[0].Size, man.Files[0].Size), "the parallel path is taken")
+	ec := 64 + tagSize
+	for _, w := range []int{2, 4} {
+		sink, err := run(t, objs, DecryptOptions{Workers: w})
+		require.NoError(t, err)
+		assert.Equal(t, data, sink.files["one"].data)
+		assert.Equal(t, []string{"one"}, sink.closedFiles())
+	}
+	cases := map[string]struct {
+		mutate func(b []byte) []byte
+		chunks []int64 // acceptable reported chunk indexes
+	}{
+		"truncate mid-chunk":   {func(b []byte) []byte { return b[:5*ec+3] }, []int64{5}},
+		"truncate at boundary": {func(b []byte) []byte { return b[:20*ec] }, []int64{20}},
+		"trailing byte":        {func(b []byte) []byte { return append(b, 1) }, []int64{-1}},
+		"flip bit":             {func(b []byte) []byte { b[7*ec+1] ^= 4; return b }, []int64{7}},
+		"reorder":              {func(b []byte) []byte { return slices.Concat(b[:3*ec], b[4*ec:5*ec], b[3*ec:4*ec], b[5*ec:]) }, []int64{3, 4}},
+		"duplicate":            {func(b []byte) []byte { return slices.Concat(b[:10*ec], b[9*ec:10*ec], b[11*ec:]) }, []int64{10}},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			for _, w := range []int{2, 4} {
+				o := maps.Clone(objs)
+				o[obj] = tc.mutate(bytes.Clone(objs[obj]))
+				sink, err := run(t, o, DecryptOptions{Workers: w})
+				require.ErrorIs(t, err, ErrCorrupt)
+				var ce *CorruptError
+				require.ErrorAs(t, err, &ce)
+				assert.Equal(t, "one", ce.File)
+				assert.Equal(t, obj, ce.Object)
+				assert.Contains(t, tc.chunks, ce.Chunk)
+				assert.Empty(t, sink.closedFiles())
+			}
+		})
+	}
 }

@@ -244,13 +244,23 @@ func (s *shardStream) nextChunkInto(buf []byte) ([]byte, int64, error) {
 	if err := s.read(i, enc); err != nil {
 		return nil, 0, err
 	}
-	chunkNonce(&s.nonce, i, i == s.shard.Chunks-1)
-	pt, err := s.aead.Open(enc[:0], s.nonce[:], enc, nil)
+	pt, err := s.open(s.aead, i, enc, &s.nonce)
 	if err != nil {
-		return nil, 0, s.corrupt(i, "authentication failed (tampered, reordered, duplicated, swapped or truncated)")
+		return nil, 0, err
 	}
 	s.next++
 	return pt, s.shard.Offset + i*int64(s.chunk), nil
+}
+
+// open authenticates and decrypts chunk i (ciphertext ‖ tag in enc) in place with aead (this
+// shard's key). It is safe for concurrent use with distinct aead values and buffers.
+func (s *shardStream) open(aead cipher.AEAD, i int64, enc []byte, nonce *[nonceSize]byte) ([]byte, error) {
+	chunkNonce(nonce, i, i == s.shard.Chunks-1)
+	pt, err := aead.Open(enc[:0], nonce[:], enc, nil)
+	if err != nil {
+		return nil, s.corrupt(i, "authentication failed (tampered, reordered, duplicated, swapped or truncated)")
+	}
+	return pt, nil
 }
 
 // read fills enc with chunk i, reopening the object at the chunk's offset to retry a failed
@@ -369,7 +379,7 @@ type Stats struct {
 // bound by the serial hash, is still going. Files of a model with several similar files are
 // hashed inline: one lane per core is faster than two goroutines per lane.
 func pipelineFile(workers int, size, remaining int64) bool {
-	return pipelinedHashing && workers > 1 && size > remaining-size
+	return pipelining && workers > 1 && size > remaining-size
 }
 
 // Decrypt streams every file of the model (minus those opts.Skip returns true for) into sink.
@@ -421,6 +431,7 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 	worker := func() {
 		defer wg.Done()
 		var buf []byte
+		var pool chunkPool
 		var hp, hpInline, hpPipe *pipeHasher
 		defer func() {
 			for _, p := range []*pipeHasher{hpInline, hpPipe} {
@@ -447,16 +458,23 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 					hp = hpInline
 				}
 				hp.reset()
-			} else if buf == nil {
+			} else if buf == nil && !t.pipe {
 				buf = make([]byte, m.man.ChunkSize+tagSize)
 			}
 			var err error
 			for _, j := range t.shards {
-				var lane *pipeHasher
-				if t.hash {
-					lane = hp
+				switch {
+				case t.hash:
+					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, hp, nil, opts, &bytesOut)
+				case t.pipe:
+					if pool == nil {
+						pool = newChunkPool(workers+2, m.man.ChunkSize+tagSize)
+					}
+					err = m.decryptShardParallel(ctx, src, t.of.idx, j, t.of.f, pool, workers, opts, &bytesOut)
+				default:
+					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, nil, buf, opts, &bytesOut)
 				}
-				if err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, lane, buf, opts, &bytesOut); err != nil {
+				if err != nil {
 					break
 				}
 			}
@@ -520,10 +538,14 @@ dispatch:
 			for j := range all {
 				all[j] = j
 			}
+			// With hashing, pipe moves the hash to its own goroutine; without, it spreads
+			// the chunks of the file's only shard over all workers.
 			ts = []task{{of: of, shards: all, hash: opts.VerifyDigests, pipe: pipe}}
 		} else {
+			// Several shards: they run in parallel; a file with fewer shards than workers
+			// that is all that is left also spreads each shard's chunks.
 			for j := range mf.Shards {
-				ts = append(ts, task{of: of, shards: []int{j}})
+				ts = append(ts, task{of: of, shards: []int{j}, pipe: pipe && len(mf.Shards) < workers})
 			}
 		}
 		of.remaining.Store(int64(len(ts)))

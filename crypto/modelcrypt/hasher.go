@@ -21,8 +21,10 @@ type pipeHasher struct {
 	done   chan struct{}
 }
 
-// pipelinedHashing enables the hasher goroutine (benchmarks switch it off to compare).
-var pipelinedHashing = true
+// pipelining enables the optimisations for a file that dominates the remaining work (a
+// hasher goroutine, or a lone shard's chunks spread over the workers); benchmarks switch it
+// off to compare.
+var pipelining = true
 
 // pipeRingBytes bounds the memory of one ring: 4 buffers, fewer for big chunks (min 2).
 const pipeRingBytes = 8 << 20
