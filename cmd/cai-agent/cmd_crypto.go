@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -366,6 +367,8 @@ func cmdDecrypt(c *cli.Context) error {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
 		defer m.Lock()
+		stop := logProgress(&opts, m.Manifest().TotalSize())
+		defer stop()
 		if res, err = store.Unpack(c.Context, m, src, out, opts); err != nil {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
@@ -377,6 +380,12 @@ func cmdDecrypt(c *cli.Context) error {
 		if opts.VerifyDigests {
 			slog.Info("--verify-digests has no effect on CCZoo input (whole-file GCM authenticates each file)")
 		}
+		var total int64
+		for _, e := range input.Files {
+			total += e.Header.PlaintextSize()
+		}
+		stop := logProgress(&opts, total)
+		defer stop()
 		if res, err = store.UnpackCCZ(c.Context, key, input, out, opts, ccz.Options{}); err != nil {
 			return fmt.Errorf("decrypt %s (CCZoo format): %w", in, err)
 		}
@@ -399,6 +408,28 @@ func cmdDecrypt(c *cli.Context) error {
 	}
 	fmt.Fprintf(w, "manifest sha256 %s\n", res.ManifestSHA256)
 	return nil
+}
+
+// logProgress makes opts report progress: an info log line every 5 seconds while decrypting.
+func logProgress(opts *store.Options, total int64) (stop func()) {
+	var done atomic.Int64
+	opts.Progress = func(n int64) { done.Add(n) }
+	quit := make(chan struct{})
+	start := time.Now()
+	go func() {
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				n := done.Load()
+				slog.Info("decrypting", "bytes", n, "total", total, "rate", rate(n, time.Since(start)))
+			}
+		}
+	}()
+	return func() { close(quit) }
 }
 
 type decryptResultJSON struct {
