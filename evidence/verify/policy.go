@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/cai-agent/cai-agent/evidence"
 )
@@ -122,14 +125,41 @@ func ParsePolicy(r io.Reader) (*Policy, error) {
 	return &p, nil
 }
 
-// LoadPolicy reads a JSON policy file (see ParsePolicy).
+// ParsePolicyYAML reads the same policy written as YAML: it is converted to JSON and parsed
+// by ParsePolicy, so the same fields and checks apply. Quote hex values ("0300…"): YAML reads
+// unquoted digit strings as numbers, which are rejected.
+func ParsePolicyYAML(r io.Reader) (*Policy, error) {
+	var v any
+	dec := yaml.NewDecoder(r)
+	if err := dec.Decode(&v); err != nil {
+		return nil, fmt.Errorf("%w: yaml: %v", ErrBadPolicy, err)
+	}
+	var extra any
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: yaml: more than one document", ErrBadPolicy)
+	}
+	if _, ok := v.(map[string]any); !ok {
+		return nil, fmt.Errorf("%w: yaml: the policy is not a mapping", ErrBadPolicy)
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("%w: yaml: %v", ErrBadPolicy, err)
+	}
+	return ParsePolicy(bytes.NewReader(b))
+}
+
+// LoadPolicy reads a policy file: YAML if its name ends in .yaml or .yml, JSON otherwise.
 func LoadPolicy(path string) (*Policy, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBadPolicy, err)
 	}
 	defer f.Close()
-	p, err := ParsePolicy(io.LimitReader(f, 16<<20))
+	parse := ParsePolicy
+	if ext := strings.ToLower(filepath.Ext(path)); ext == ".yaml" || ext == ".yml" {
+		parse = ParsePolicyYAML
+	}
+	p, err := parse(io.LimitReader(f, 16<<20))
 	if err != nil {
 		return nil, fmt.Errorf("policy %s: %w", path, err)
 	}

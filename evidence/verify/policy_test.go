@@ -201,6 +201,18 @@ func TestOllamaExamplePolicy(t *testing.T) {
 	assert.NotNil(t, p.Model)
 	assert.NotEmpty(t, p.AllowedBinaries)
 	assert.NotEmpty(t, p.MRTD)
+	y, err := LoadPolicy("testdata/policy-ollama.yaml")
+	require.NoError(t, err)
+	assert.Equal(t, p, y, "the YAML example is the same policy")
+	for name, doc := range map[string]string{
+		"unknown field":   "mrtd: \"00\"\n",
+		"unquoted digits": "min_tee_tcb_svn: 03000400000000000000000000000000\n",
+		"a list":          "- a\n",
+		"two documents":   "allow_debug: true\n---\nallow_debug: false\n",
+	} {
+		_, err := ParsePolicyYAML(strings.NewReader(doc))
+		assert.ErrorIs(t, err, ErrBadPolicy, name)
+	}
 	_, err = LoadPolicy("testdata/missing.json")
 	require.ErrorIs(t, err, ErrBadPolicy)
 }
