@@ -18,7 +18,8 @@
 //     publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its rename
 //     (path, size, plaintext SHA-256), preceded by an invalidating line before a file is
 //     replaced; the last line per path wins. On tmpfs (TD-private memory, written only by us)
-//     the record plus a size check establishes "identical"; on other file systems
+//     the record plus a size check establishes "identical" for files over 1 MiB (files up to
+//     1 MiB, such as manifests, are always re-hashed: it is free); on other file systems
 //     (AllowNonTmpfs) the record is not trusted and existing files are re-hashed.
 //   - OUT/.cai-agent/ready.json (model name, kind, manifest digests, files) is written after
 //     everything is published and removed before a run publishes anything; a rerun on an
@@ -291,7 +292,7 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 		return false
 	}
 	hexSum := hex.EncodeToString(sum[:])
-	if p.trustRecord {
+	if p.trustRecord && size > rehashBelow {
 		return p.record[rel].SHA256 == hexSum && p.record[rel].Size == size
 	}
 	f, err := os.Open(dst)
@@ -305,6 +306,11 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	}
 	return hex.EncodeToString(h.Sum(nil)) == hexSum
 }
+
+// rehashBelow: published files up to this size (manifests, configs, templates) are always
+// re-hashed instead of trusting the record: it costs nothing and covers a small file another
+// program (e.g. Ollama rewriting a manifest) replaced with one of the same size.
+const rehashBelow = 1 << 20
 
 // testHookRenamed, if set (tests only), is called after each file is renamed into place.
 var testHookRenamed func(rel string)

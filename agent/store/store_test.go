@@ -529,3 +529,40 @@ func hexOrB64(s string, dst []byte) (int, error) {
 }
 
 func decodeB64(s string) ([]byte, error) { return base64.StdEncoding.DecodeString(s) }
+
+// TestRecordTrust covers the publish record for large files on tmpfs: trusted when its last
+// line for the path matches; an invalidating line (written before a replacing rename, so a
+// crash between rename and record leaves it) makes the rerun decrypt the file again.
+func TestRecordTrust(t *testing.T) {
+	key := newKey(t)
+	files := map[string][]byte{"big.bin": randBytes(rehashBelow + 4096), "small.json": []byte(`{}`)}
+	_, in := plainTree(t, files)
+	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
+	m := openModel(t, key, enc)
+	out := shmDir(t)
+	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
+
+	// Record trusted: the big file is skipped without reading it (we overwrite its content
+	// with zeros of the same size to prove it is not re-hashed); the small one is re-hashed.
+	big := filepath.Join(out, "big.bin")
+	require.NoError(t, os.WriteFile(big, make([]byte, len(files["big.bin"])), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(out, "small.json"), []byte(`[]`), 0o644))
+	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, res.Skipped, "big.bin trusted from the record")
+	assert.Equal(t, 1, res.Files, "small.json re-hashed and replaced")
+
+	// Invalidated in the record (crash between rename and record): decrypted again.
+	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
+	p, err := begin(out, Options{})
+	require.NoError(t, err)
+	require.NoError(t, p.appendRecord(FileInfo{Path: "big.bin"}))
+	p.close()
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, res.Files)
+	assert.Equal(t, 1, res.Skipped)
+	requireTree(t, out, files)
+}
