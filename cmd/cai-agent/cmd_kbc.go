@@ -1,8 +1,256 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
 
-// kbcCommands returns the CLI commands of this area.
-func kbcCommands() []*cli.Command { return nil }
+	"github.com/urfave/cli/v2"
 
-var kbcExitCodes = []exitMapping{}
+	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/kbc"
+	"github.com/cai-agent/cai-agent/kbc/ita"
+	"github.com/cai-agent/cai-agent/kbc/kbstest"
+	"github.com/cai-agent/cai-agent/kbc/offline"
+	"github.com/cai-agent/cai-agent/kbc/trustee"
+)
+
+// kbcCommands returns the CLI commands of this area: get-resource, dev-kbs.
+func kbcCommands() []*cli.Command {
+	return []*cli.Command{
+		{
+			Name:  "get-resource",
+			Usage: "get one secret from a key broker, proving this TEE",
+			UsageText: "cai-agent get-resource --kbc trustee --kbs-url URL --resource kbs:///repo/type/tag --out FILE [--ca-file FILE] [--insecure-http]\n" +
+				"cai-agent get-resource --kbc ita --kbs-url URL --resource KEY-UUID --out FILE [--ita-nonce]\n" +
+				"cai-agent get-resource --kbc offline (--key-file FILE | --key-env VAR | --resources FILE|DIR) --resource NAME --out FILE",
+			Description: "Runs the broker's full attestation flow with the TEE selected by --tee (evidence from\n" +
+				"--state-dir) and writes the released secret to --out FILE (created with mode 0600; an existing\n" +
+				"file is never overwritten) or, only with --out -, to stdout. The secret is never logged.",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "kbc", Usage: "key broker client: trustee, ita or offline", Required: true},
+				&cli.StringFlag{Name: "kbs-url", Usage: "broker base `URL` (https://host:port; http:// only with --insecure-http)", EnvVars: []string{"CAI_KBS_URL"}},
+				&cli.StringFlag{Name: "resource", Usage: "trustee: kbs:///repo/type/tag; ita: key id (UUID) or ita:///keys/UUID; offline: a name", Required: true},
+				&cli.StringFlag{Name: "out", Usage: "write the secret to `FILE` (0600, must not exist); - for stdout"},
+				&cli.StringFlag{Name: "ca-file", Usage: "trust only the CAs in this PEM `FILE` for the broker's TLS certificate"},
+				&cli.BoolFlag{Name: "insecure-http", Usage: "allow a plain http:// broker URL (development only)"},
+				&cli.DurationFlag{Name: "timeout", Usage: "per-request timeout", Value: 30 * time.Second},
+				&cli.IntFlag{Name: "retries", Usage: "retries of a failed request (transport error, timeout, 5xx); negative: none", Value: 2},
+				&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to speak (Trustee demands an exact match)", Value: trustee.DefaultVersion},
+				&cli.StringFlag{Name: "tee-key", Usage: "trustee: ephemeral TEE key, ec (P-256, ECDH-ES+A256KW) or rsa (RSA-3072, RSA-OAEP-256)", Value: "ec"},
+				&cli.BoolFlag{Name: "ita-nonce", Usage: "ita: fetch a KBS nonce first and bind it into REPORTDATA"},
+				&cli.StringFlag{Name: "key-file", Usage: "offline: `FILE` whose bytes are the secret (for any resource name)"},
+				&cli.StringFlag{Name: "key-env", Usage: "offline: environment `VAR` holding std base64 of the secret (for any resource name)"},
+				&cli.StringFlag{Name: "resources", Usage: `offline: JSON file {"repo/type/tag":"<std b64>",…} or directory DIR/repo/type/tag`},
+			},
+			Action: getResourceAction,
+		},
+		{
+			Name:      "dev-kbs",
+			Usage:     "run a DEVELOPMENT-ONLY Trustee (RCAR 0.4.0) key broker on loopback",
+			UsageText: "cai-agent dev-kbs [--listen 127.0.0.1:8080] --resource kbs:///repo/type/tag=@FILE [--resource …] [--addr-file FILE]",
+			Description: "Serves the given resources over plain HTTP to any client presenting sample or TDX evidence whose\n" +
+				"REPORTDATA binds the session nonce and TEE key. Quote signatures are NOT verified: this proves\n" +
+				"nothing and must never hold a real secret. Stops on SIGINT/SIGTERM.",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "listen", Usage: "address to listen on (port 0 picks a free port)", Value: "127.0.0.1:8080"},
+				&cli.StringSliceFlag{Name: "resource", Usage: "serve FILE's bytes as `URI=@FILE` (repeatable)", Required: true},
+				&cli.StringFlag{Name: "addr-file", Usage: "write the bound host:port to `FILE` once listening (atomically)"},
+				&cli.BoolFlag{Name: "allow-remote", Usage: "allow a non-loopback --listen address"},
+				&cli.StringFlag{Name: "kbs-version", Usage: "RCAR protocol version to demand", Value: kbstest.TrusteeVersion},
+				&cli.DurationFlag{Name: "session-timeout", Usage: "session lifetime", Value: 5 * time.Minute},
+			},
+			Action: devKBSAction,
+		},
+	}
+}
+
+var kbcExitCodes = []exitMapping{
+	{kbc.ErrInvalidURI, ExitUsage},
+	{kbc.ErrConfig, ExitUsage},
+	{kbc.ErrRefused, ExitKBS},
+	{kbc.ErrNotFound, ExitKBS},
+	{kbc.ErrProtocol, ExitKBS},
+	{kbc.ErrTransport, ExitKBS},
+}
+
+// errOutExists is returned when --out names an existing file.
+var errOutExists = errors.New("output file exists")
+
+func getResourceAction(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usagef("get-resource: unexpected arguments %q", c.Args().Slice())
+	}
+	out := c.String("out")
+	if out == "" {
+		return usagef("get-resource: refusing to print a secret by default; give --out FILE (or --out - for stdout)")
+	}
+	if out != "-" {
+		if _, err := os.Lstat(out); err == nil {
+			return usagef("get-resource: --out %s: %v (remove it first)", out, errOutExists)
+		}
+	}
+	httpOpts := kbc.HTTPOptions{CAFile: c.String("ca-file"), InsecureHTTP: c.Bool("insecure-http"), Timeout: c.Duration("timeout"), Retries: c.Int("retries")}
+	if c.Int("retries") == 0 {
+		httpOpts.Retries = -1
+	}
+	kind := c.String("kbc")
+	offlineSet := c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")
+	if kind != "offline" && offlineSet {
+		return usagef("get-resource: --key-file, --key-env and --resources are for --kbc offline")
+	}
+	var client kbc.Client
+	switch kind {
+	case "offline":
+		if c.IsSet("kbs-url") {
+			return usagef("get-resource: --kbc offline takes no --kbs-url")
+		}
+		cl, err := offline.New(offline.Options{KeyFile: c.String("key-file"), KeyEnv: c.String("key-env"), Resources: c.String("resources")})
+		if err != nil {
+			return err
+		}
+		client = cl
+	case "trustee", "ita":
+		if c.String("kbs-url") == "" {
+			return usagef("get-resource: --kbc %s needs --kbs-url", kind)
+		}
+		p, err := evidence.Open(c.Context, evidence.Options{TEE: c.String("tee"), StateDir: c.String("state-dir")})
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		if kind == "trustee" {
+			alg := map[string]string{"ec": trustee.AlgECDHES, "rsa": trustee.AlgRSAOAEP256}[c.String("tee-key")]
+			if alg == "" {
+				return usagef("get-resource: --tee-key must be ec or rsa")
+			}
+			client, err = trustee.New(trustee.Options{URL: c.String("kbs-url"), Attester: p, Version: c.String("kbs-version"), KeyAlgorithm: alg, HTTP: httpOpts})
+		} else {
+			client, err = ita.New(ita.Options{URL: c.String("kbs-url"), Attester: p, Nonce: c.Bool("ita-nonce"), HTTP: httpOpts})
+		}
+		if err != nil {
+			return err
+		}
+	default:
+		return usagef("get-resource: --kbc must be trustee, ita or offline, not %q", kind)
+	}
+	secret, err := client.GetResource(c.Context, c.String("resource"))
+	if err != nil {
+		return err
+	}
+	defer clear(secret)
+	if out == "-" {
+		_, err := c.App.Writer.Write(secret)
+		return err
+	}
+	if err := writeSecret(out, secret); err != nil {
+		return err
+	}
+	slog.Info("secret written", "resource", kbc.Sanitize(c.String("resource")), "file", out, "bytes", len(secret))
+	return nil
+}
+
+// writeSecret creates path (0600, O_EXCL) and writes secret; on failure the file is removed.
+func writeSecret(path string, secret []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	_, err = f.Write(secret)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return fmt.Errorf("--out %s: %w", path, err)
+	}
+	return nil
+}
+
+const devBanner = `
+################################################################################
+##  cai-agent dev-kbs: DEVELOPMENT ONLY — NOT A KEY BROKER FOR REAL SECRETS   ##
+##  Plain HTTP. Quote signatures are NOT verified; sample evidence accepted.  ##
+##  Anyone who can reach this port and forge evidence gets the resources.     ##
+################################################################################
+`
+
+func devKBSAction(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usagef("dev-kbs: unexpected arguments %q", c.Args().Slice())
+	}
+	listen := c.String("listen")
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return usagef("dev-kbs: --listen %q: %v", listen, err)
+	}
+	if !isLoopback(host) && !c.Bool("allow-remote") {
+		return usagef("dev-kbs: --listen %q is not a loopback address; refusing without --allow-remote", listen)
+	}
+	srv := kbstest.NewTrustee()
+	srv.Version = c.String("kbs-version")
+	srv.SessionTimeout = c.Duration("session-timeout")
+	srv.Log = slog.Default()
+	for _, spec := range c.StringSlice("resource") {
+		uri, file, ok := strings.Cut(spec, "=@")
+		if !ok {
+			return usagef("dev-kbs: --resource %q: want URI=@FILE", spec)
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return usagef("dev-kbs: --resource %s: %v", uri, err)
+		}
+		if err := srv.SetResource(uri, b); err != nil {
+			return usagef("dev-kbs: --resource: %v", err)
+		}
+		clear(b)
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return fmt.Errorf("dev-kbs: %w", err)
+	}
+	defer ln.Close()
+	addr := ln.Addr().String()
+	fmt.Fprint(c.App.ErrWriter, devBanner)
+	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (RCAR %s); resources: %s\n", addr, srv.Version, strings.Join(srv.Resources(), " "))
+	if f := c.String("addr-file"); f != "" {
+		tmp := filepath.Join(filepath.Dir(f), "."+filepath.Base(f)+".tmp")
+		if err := os.WriteFile(tmp, []byte(addr+"\n"), 0o644); err != nil {
+			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
+		}
+		if err := os.Rename(tmp, f); err != nil {
+			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
+		}
+	}
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, WriteTimeout: time.Minute}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("dev-kbs: %w", err)
+	case <-c.Context.Done():
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hs.Shutdown(ctx)
+	fmt.Fprintln(c.App.ErrWriter, "dev-kbs: stopped")
+	return nil
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
