@@ -107,7 +107,18 @@ func ParseQuote(raw []byte) (*Quote, error) {
 }
 
 // parseQuote returns the neutral Quote and go-tdx-guest's proto (for verify).
-func parseQuote(raw []byte) (*Quote, any, error) {
+// go-tdx-guest's abi panics on some malformed quotes (found by FuzzParseQuote: a slice
+// bound in qeAuthDataToProto); a quote is attacker-controlled, so a panic is a format error.
+func parseQuote(raw []byte) (q *Quote, p any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			q, p, err = nil, nil, fmt.Errorf("%w: malformed TD quote (the parser failed: %v)", ErrFormat, r)
+		}
+	}()
+	return parseQuoteUnsafe(raw)
+}
+
+func parseQuoteUnsafe(raw []byte) (*Quote, any, error) {
 	p, err := abi.QuoteToProto(raw)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: not a TD quote v4/v5: %v", ErrFormat, err)

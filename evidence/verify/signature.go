@@ -86,7 +86,14 @@ func VerifyQuote(ctx context.Context, raw []byte, opts Options) (*Quote, error) 
 	return q, nil
 }
 
-func checkSignature(ctx context.Context, p any, opts Options) error {
+func checkSignature(ctx context.Context, p any, opts Options) (err error) {
+	// Like its parser, go-tdx-guest's verifier must not crash a verifying server on hostile
+	// input.
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: malformed TD quote (verification failed: %v)", ErrFormat, r)
+		}
+	}()
 	if opts.signature != nil {
 		return opts.signature(ctx, p, opts)
 	}
