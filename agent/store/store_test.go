@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -360,6 +361,21 @@ func TestUnpackOllamaManifestLast(t *testing.T) {
 	r, err := ReadReady(out)
 	require.NoError(t, err)
 	assert.Equal(t, "cai.local/test/tiny:v1", r.Name)
+}
+
+func TestUnpackOllamaManifestReferencesMissingBlob(t *testing.T) {
+	key := newKey(t)
+	blob := []byte("weights")
+	bs := sha256.Sum256(blob)
+	missing := "sha256:" + strings.Repeat("ab", 32)
+	mj := `{"schemaVersion":2,"config":{},"layers":[{"mediaType":"` + ollama.MediaTypeModel + `","digest":"sha256:` + hex.EncodeToString(bs[:]) + `","size":7},{"mediaType":"` + ollama.MediaTypeTemplate + `","digest":"` + missing + `","size":3}]}`
+	_, in := plainTree(t, map[string][]byte{"manifests/h/n/m/t": []byte(mj), "blobs/sha256-" + hex.EncodeToString(bs[:]): blob})
+	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
+	m := openModel(t, key, enc)
+	out := shmDir(t)
+	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.ErrorContains(t, err, "references "+missing+", which the encrypted model does not contain")
+	assert.Empty(t, visible(t, out))
 }
 
 func TestUnpackOllamaRejectsMisnamedBlob(t *testing.T) {

@@ -87,6 +87,11 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 		staged = append(staged, stagedFile{rel: f.Path, size: f.Size, sum: f.SHA256})
 	}
 	res.Files, res.Bytes = stats.Files, stats.Bytes
+	if man.Kind == modelcrypt.KindOllama {
+		if err := checkOllamaManifest(p, man, skip); err != nil {
+			return nil, err
+		}
+	}
 	if opts.BeforePublish != nil {
 		if err := opts.BeforePublish(ctx, res); err != nil {
 			return nil, err
@@ -125,6 +130,36 @@ func checkOllama(man *modelcrypt.Manifest) (string, string, error) {
 		return "", "", fmt.Errorf("store: Ollama model %s: its manifest %s is not in the encrypted model", n, mp)
 	}
 	return n.String(), digest, nil
+}
+
+// checkOllamaManifest parses the decrypted (verified, staged) Ollama manifest and requires
+// every blob it references to be part of the model, so a published manifest never points at
+// a missing blob.
+func checkOllamaManifest(p *publisher, man *modelcrypt.Manifest, skip map[string]bool) error {
+	n, _ := ollama.ParseName(man.OllamaModel)
+	mp := n.ManifestPath()
+	if skip[mp] {
+		return nil // published and checked by an earlier run
+	}
+	b, err := os.ReadFile(p.stagePath(mp))
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	om, err := ollama.ParseManifest(b)
+	if err != nil {
+		return fmt.Errorf("store: Ollama model %s: %w", n, err)
+	}
+	have := map[string]bool{}
+	for _, f := range man.Files {
+		have[f.Path] = true
+	}
+	for _, d := range om.Blobs() {
+		bp, _ := ollama.BlobPath(d)
+		if !have[bp] {
+			return fmt.Errorf("store: Ollama model %s: its manifest references %s, which the encrypted model does not contain", n, d)
+		}
+	}
+	return nil
 }
 
 // sink stages decrypted files; it implements modelcrypt.Sink.
