@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -534,10 +535,12 @@ func TestParallelShardCorruption(t *testing.T) {
 	require.True(t, pipelineFile(2, man.Files[0].Size, man.Files[0].Size), "the parallel path is taken")
 	ec := 64 + tagSize
 	for _, w := range []int{2, 4} {
-		sink, err := run(t, objs, DecryptOptions{Workers: w})
+		var progress atomic.Int64
+		sink, err := run(t, objs, DecryptOptions{Workers: w, Progress: func(n int64) { progress.Add(n) }})
 		require.NoError(t, err)
 		assert.Equal(t, data, sink.files["one"].data)
 		assert.Equal(t, []string{"one"}, sink.closedFiles())
+		assert.Equal(t, int64(len(data)), progress.Load())
 	}
 	cases := map[string]struct {
 		mutate func(b []byte) []byte
