@@ -15,10 +15,12 @@ type Replay struct {
 	RTMRs [4]Hex `json:"rtmrs"`
 	// Compared lists the RTMR indexes compared with the quote (always including 3).
 	Compared []int `json:"compared"`
-	// Measurements are the AAEL events of RTMR3, in order, with their digests.
-	Measurements []evidence.Measurement `json:"measurements"`
-	// Model is the model of the last cai-agent Model event in RTMR3, or nil.
-	Model *evidence.ModelInfo `json:"model"`
+	// Measurements are the AAEL events of RTMR3, in order, with their digests (in JSON, the
+	// Result's top-level measurements).
+	Measurements []evidence.Measurement `json:"-"`
+	// Model is the model of the last cai-agent Model event in RTMR3, or nil (in JSON, the
+	// Result's model).
+	Model *evidence.ModelInfo `json:"-"`
 	// OtherRTMR3Records counts RTMR3 records that are not AAEL events.
 	OtherRTMR3Records int `json:"other_rtmr3_records"`
 }
