@@ -247,3 +247,36 @@ func TestModelAccessors(t *testing.T) {
 	_, err = m.DecryptChunk(nil, 0, 0, 0, nil)
 	require.ErrorIs(t, err, ErrLocked)
 }
+
+// An input that changes while it is encrypted is refused, and the output is removed.
+func TestEncryptInputChanges(t *testing.T) {
+	for _, tc := range []struct {
+		name, want string
+		change     func(path string)
+	}{
+		{"shrinks", "shrank", func(p string) { require.NoError(t, os.Truncate(p, 100)) }},
+		{"grows", "grew", func(p string) {
+			f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
+			require.NoError(t, err)
+			_, err = f.Write([]byte("more"))
+			require.NoError(t, err)
+			require.NoError(t, f.Close())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := writeInputs(t, t.TempDir(), map[string][]byte{"f": pattern(1, 64*4)})
+			out := filepath.Join(t.TempDir(), "enc")
+			var done int64
+			_, err := Encrypt(context.Background(), testKey(1), in, out, EncryptOptions{ChunkSize: 64, Workers: 1,
+				Progress: func(n int64) {
+					done += n
+					if (tc.name == "shrinks" && done == 64) || (tc.name == "grows" && done == 256) {
+						tc.change(in[0].Path)
+					}
+				}})
+			require.ErrorContains(t, err, tc.want)
+			_, err = os.Stat(out)
+			require.ErrorIs(t, err, os.ErrNotExist, "output removed")
+		})
+	}
+}
