@@ -349,7 +349,8 @@ func (r *shardReader) Close() error { return r.s.Close() }
 
 // DecryptOptions tune Decrypt.
 type DecryptOptions struct {
-	// Workers is the number of shards decrypted at once; 0 means GOMAXPROCS.
+	// Workers is the number of shards (files, with VerifyDigests) decrypted at once and of
+	// goroutines a lone shard's chunks are spread over; 0 means GOMAXPROCS.
 	Workers int
 	// VerifyDigests re-hashes every file's plaintext with SHA-256 as it is produced (one pass,
 	// in order) and compares it with the manifest before the file is closed. The AEAD already
@@ -373,11 +374,12 @@ type Stats struct {
 	Bytes        int64 // plaintext bytes written
 }
 
-// pipelineFile reports whether a file's SHA-256 should run on its own goroutine: when there
-// is more than one worker and the file is more than half of the bytes still to dispatch
-// (counting itself), so the other workers would otherwise run out of work while its lane,
-// bound by the serial hash, is still going. Files of a model with several similar files are
-// hashed inline: one lane per core is faster than two goroutines per lane.
+// pipelineFile reports whether a file dominates the remaining work: there is more than one
+// worker and the file is more than half of the bytes still to dispatch (counting itself), so
+// the other workers would run out of work while its lane is still going. Such a file gets
+// its SHA-256 on its own goroutine (VerifyDigests), or, without hashing, the chunks of its
+// lone shard spread over all workers. Files of a model with several similar files are done
+// one per worker: one lane per core is faster than several goroutines per lane.
 func pipelineFile(workers int, size, remaining int64) bool {
 	return pipelining && workers > 1 && size > remaining-size
 }
