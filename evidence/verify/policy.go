@@ -91,6 +91,9 @@ type HexList []Hex
 
 // UnmarshalJSON implements json.Unmarshaler.
 func (l *HexList) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
 	if bytes.HasPrefix(bytes.TrimSpace(b), []byte(`"`)) {
 		var h Hex
 		if err := h.UnmarshalJSON(b); err != nil {
@@ -288,7 +291,7 @@ func (p *Policy) checkEvents(r *Replay, fail func(string, ...any)) {
 		switch got := r.Model; {
 		case got == nil:
 			fail("no model was measured, want %s", m)
-		case m.Name != "" && got.Name != m.Name, m.ManifestSHA256 != nil && got.ManifestSHA256 != hex.EncodeToString(m.ManifestSHA256):
+		case m.Name != "" && got.Name != m.Name, m.ManifestSHA256 != nil && !strings.EqualFold(got.ManifestSHA256, hex.EncodeToString(m.ManifestSHA256)):
 			fail("model is %s (manifest_sha256 %s), want %s", got.Name, got.ManifestSHA256, m)
 		}
 	}

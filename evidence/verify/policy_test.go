@@ -170,6 +170,9 @@ func sha(b byte) []byte {
 }
 
 func TestParsePolicy(t *testing.T) {
+	// null is the same as absent.
+	null := policyOf(t, `{"mr_td":null,"rtmr0":null,"model":null,"allowed_binaries":null}`)
+	assert.Equal(t, &Policy{}, null)
 	p := policyOf(t, `{"mr_td":"`+strings.Repeat("AB", 48)+`"}`)
 	require.Len(t, p.MRTD, 1)
 	assert.Equal(t, strings.Repeat("ab", 48), p.MRTD[0].String())
@@ -188,6 +191,7 @@ func TestParsePolicy(t *testing.T) {
 		"not an object":   `[]`,
 		"unknown nested":  `{"model":{"name":"x","digest":"y"}}`,
 		"debug as string": `{"allow_debug":"yes"}`,
+		"empty rtmr":      `{"rtmr0":""}`,
 	} {
 		_, err := ParsePolicy(strings.NewReader(js))
 		assert.ErrorIs(t, err, ErrBadPolicy, name)

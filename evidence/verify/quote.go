@@ -18,7 +18,11 @@ type Hex []byte
 func (h Hex) MarshalJSON() ([]byte, error) { return json.Marshal(hex.EncodeToString(h)) }
 
 // UnmarshalJSON implements json.Unmarshaler (hex, either case).
+// JSON null leaves h unchanged (absent).
 func (h *Hex) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
 		return err
