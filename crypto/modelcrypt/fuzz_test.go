@@ -94,8 +94,13 @@ func FuzzParseManifest(f *testing.F) {
 }
 
 // fuzzModel is one unlocked model (the multi-shard vector) shared by the chunk fuzzers.
-var fuzzModel = sync.OnceValues(func() (*Model, map[string][]byte) {
-	raw, err := os.ReadFile(filepath.Join(vectorDir, "ok-multi-shard.txtar"))
+var fuzzModel = sync.OnceValues(func() (*Model, map[string][]byte) { return loadVectorModel("ok-multi-shard") })
+
+// fuzzLoneModel is a model with one file of one shard of two chunks.
+var fuzzLoneModel = sync.OnceValues(func() (*Model, map[string][]byte) { return loadVectorModel("ok-exact-shard") })
+
+func loadVectorModel(name string) (*Model, map[string][]byte) {
+	raw, err := os.ReadFile(filepath.Join(vectorDir, name+".txtar"))
 	if err != nil {
 		panic(err)
 	}
@@ -112,7 +117,7 @@ var fuzzModel = sync.OnceValues(func() (*Model, map[string][]byte) {
 		panic(err)
 	}
 	return m, objs
-})
+}
 
 func FuzzDecryptChunk(f *testing.F) {
 	m, objs := fuzzModel()
@@ -160,6 +165,37 @@ func FuzzShardStream(f *testing.F) {
 		sink := newMemSink()
 		_, err := m.Decrypt(context.Background(), &memSource{objs: o}, sink,
 			DecryptOptions{Skip: func(f ManifestFile) bool { return f.Path != "a.bin" }})
+		if err == nil {
+			if !bytes.Equal(b, objs[target]) {
+				t.Fatal("forged shard accepted")
+			}
+			return
+		}
+		if !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("unclassified error: %v", err)
+		}
+		if len(sink.closedFiles()) != 0 {
+			t.Fatal("a file was closed after a failure")
+		}
+	})
+}
+
+// FuzzLoneShard is FuzzShardStream for a lone single-shard file, whose chunks Decrypt
+// spreads over several goroutines (decryptShardParallel).
+func FuzzLoneShard(f *testing.F) {
+	m, objs := fuzzLoneModel()
+	target := m.man.Files[0].Shards[0].Object
+	f.Add(objs[target], uint8(2))
+	f.Add(objs[target][:len(objs[target])-1], uint8(3))
+	f.Add(append(bytes.Clone(objs[target]), 0), uint8(2))
+	f.Fuzz(func(t *testing.T, b []byte, workers uint8) {
+		w := int(workers%4) + 2
+		if !pipelineFile(w, m.man.Files[0].Size, m.man.Files[0].Size) {
+			t.Fatal("the parallel path is not taken")
+		}
+		sink := newMemSink()
+		_, err := m.Decrypt(context.Background(), &memSource{objs: map[string][]byte{target: b}}, sink,
+			DecryptOptions{Workers: w})
 		if err == nil {
 			if !bytes.Equal(b, objs[target]) {
 				t.Fatal("forged shard accepted")
