@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -357,4 +358,30 @@ func ollamaPolicyQuoteOnly(t testing.TB) *Policy {
 	p := *ollamaPolicy(t)
 	p.AllowedBinaries, p.Model, p.OnlyKnownEvents = nil, nil, false
 	return &p
+}
+
+// One Options value used by many goroutines at once (a gateway verifying concurrent chats).
+func TestVerifyConcurrent(t *testing.T) {
+	ctx := context.Background()
+	raw := fixture(t, "quote_v5_sample.dat")
+	opts := Options{Now: date(2026, 6, 1)}
+	errs := make(chan error, 8)
+	for i := range 8 {
+		go func() {
+			b := raw
+			if i%2 == 1 {
+				b = append([]byte{}, raw...)
+				b[54+520] ^= 1
+			}
+			_, err := VerifyQuote(ctx, b, opts)
+			if (err == nil) != (i%2 == 0) {
+				errs <- fmt.Errorf("goroutine %d: %v", i, err)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		require.NoError(t, <-errs)
+	}
 }
