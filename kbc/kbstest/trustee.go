@@ -216,12 +216,15 @@ func (t *Trustee) serve(w http.ResponseWriter, r *http.Request) {
 }
 
 func (t *Trustee) fail(w http.ResponseWriter, e *kbsError) {
-	b, _ := json.Marshal(struct {
-		Type   string `json:"type"`
-		Detail string `json:"detail"`
-	}{ErrorTypePrefix + e.variant, e.detail})
+	b, _ := json.Marshal(ErrorInformation{ErrorTypePrefix + e.variant, e.detail})
 	w.WriteHeader(e.status)
 	w.Write(b)
+}
+
+// ErrorInformation is Trustee's error body (kbs-types ErrorInformation).
+type ErrorInformation struct {
+	Type   string `json:"type"`
+	Detail string `json:"detail"`
 }
 
 // ErrorTypePrefix prefixes Trustee's ErrorInformation types.
