@@ -130,13 +130,13 @@ func (c Config) withDefaults() (Config, error) {
 
 // Server serves evidence and measurements for one Platform. Create it with New.
 type Server struct {
-	cfg   Config
-	p     Platform
-	log   *slog.Logger
-	q     *queue
-	h     http.Handler
-	mu    sync.Mutex
-	srv   *http.Server
+	cfg Config
+	p   Platform
+	log *slog.Logger
+	q   *queue
+	h   http.Handler
+	mu  sync.Mutex
+	srv *http.Server
 }
 
 // New returns a Server for cfg.Platform. It does not listen: see Listen and Serve.
