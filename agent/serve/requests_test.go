@@ -2,7 +2,7 @@ package serve
 
 import (
 	"context"
-		"net"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
