@@ -243,14 +243,11 @@ func runVerify(c *cli.Context, quotePath, evPath string, policy *verify.Policy, 
 	if err != nil {
 		return nil, err
 	}
-	var bundle evidence.Bundle
-	if err := json.Unmarshal(b, &bundle); err != nil {
-		return nil, fmt.Errorf("%w: evidence %s is not an evidence bundle: %v", verify.ErrFormat, evPath, err)
+	bundle, err := verify.ParseBundle(b)
+	if err != nil {
+		return nil, fmt.Errorf("evidence %s: %w", evPath, err)
 	}
-	if bundle.TEE == "" || len(bundle.Quote) == 0 {
-		return nil, fmt.Errorf("%w: evidence %s has no \"tee\" or no \"quote\"", verify.ErrFormat, evPath)
-	}
-	return verify.VerifyEvidence(c.Context, &bundle, c.String("nonce"), policy, opts)
+	return verify.VerifyEvidence(c.Context, bundle, c.String("nonce"), policy, opts)
 }
 
 func writeResultText(w io.Writer, r *verify.Result) error {

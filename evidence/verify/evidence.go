@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"strings"
 
@@ -183,4 +184,18 @@ func (res *Result) policy(p *Policy) error {
 		res.pass("policy accepts the evidence")
 	}
 	return nil
+}
+
+// ParseBundle decodes the JSON of an evidence bundle (GET /v1/evidence, or the output of
+// `cai-agent evidence --json`), requiring "tee" and "quote". Fields it does not know are
+// ignored; none of the bundle is trusted before VerifyEvidence. Errors wrap ErrFormat.
+func ParseBundle(b []byte) (*evidence.Bundle, error) {
+	var bundle evidence.Bundle
+	if err := json.Unmarshal(b, &bundle); err != nil {
+		return nil, fmt.Errorf("%w: not an evidence bundle: %v", ErrFormat, err)
+	}
+	if bundle.TEE == "" || len(bundle.Quote) == 0 {
+		return nil, fmt.Errorf("%w: evidence bundle has no \"tee\" or no \"quote\"", ErrFormat)
+	}
+	return &bundle, nil
 }

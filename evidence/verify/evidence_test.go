@@ -385,3 +385,20 @@ func TestVerifyConcurrent(t *testing.T) {
 		require.NoError(t, <-errs)
 	}
 }
+
+func TestParseBundle(t *testing.T) {
+	b, err := ParseBundle([]byte(`{"tee":"tdx","quote":"AQID","cc_eventlog":null,"extra":1}`))
+	require.NoError(t, err)
+	assert.Equal(t, []byte{1, 2, 3}, b.Quote)
+	assert.Nil(t, b.CCEventLog)
+	for name, js := range map[string]string{
+		"not json":   `tee=tdx`,
+		"no quote":   `{"tee":"tdx"}`,
+		"no tee":     `{"quote":"AQID"}`,
+		"bad base64": `{"tee":"tdx","quote":"%%%"}`,
+		"array":      `[]`,
+	} {
+		_, err := ParseBundle([]byte(js))
+		assert.ErrorIs(t, err, ErrFormat, name)
+	}
+}
