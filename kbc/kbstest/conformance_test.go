@@ -320,6 +320,24 @@ func runConformance(t *testing.T, b broker) {
 		require.Contains(t, err.Error(), "exceeds 16384 bytes")
 	})
 
+	t.Run("redirect-not-followed", func(t *testing.T) {
+		var hits atomic.Int32
+		other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Add(1) }))
+		t.Cleanup(other.Close)
+		srv, hooks := start(t)
+		hooks.Intercept = func(step string, w http.ResponseWriter, r *http.Request) bool {
+			if step != b.resourceStep {
+				return false
+			}
+			http.Redirect(w, r, other.URL+r.URL.Path, http.StatusTemporaryRedirect)
+			return true
+		}
+		_, err := b.client(t, srv.URL, fast(), b.attester).GetResource(t.Context(), b.uri)
+		require.ErrorIs(t, err, kbc.ErrProtocol)
+		require.Contains(t, err.Error(), "HTTP 307")
+		require.Zero(t, hits.Load())
+	})
+
 	t.Run("tls", func(t *testing.T) {
 		h, _ := b.handler(t)
 		srv := httptest.NewTLSServer(h)

@@ -1,0 +1,56 @@
+package kbc
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseResourceURI(t *testing.T) {
+	for in, want := range map[string]ResourcePath{
+		"kbs:///default/key/1":                 {"default", "key", "1"},
+		"kbs://kbs.example:8080/repo/type/tag": {"repo", "type", "tag"},
+		"kbs:///my-repo/model_keys/llama.3-8b": {"my-repo", "model_keys", "llama.3-8b"},
+	} {
+		got, err := ParseResourceURI(in)
+		require.NoError(t, err, in)
+		require.Equal(t, want, got)
+		require.Equal(t, "kbs:///"+want.Repo+"/"+want.Type+"/"+want.Tag, got.String())
+	}
+	for _, in := range []string{
+		"", "default/key/1", "kbs:///", "kbs:///a/b", "kbs:///a/b/c/d", "kbs:///a//c", "kbs:///a/b/c/",
+		"kbs:///a/./c", "kbs:///a/../c", "kbs:///a/b/c?version=1", "kbs:///a/b/c#f", "kbs+resource:///a/b/c",
+		"kbs:///a/b%2Fx/c", "kbs:///a/b c/d", "kbs://user@host/a/b/c", "kbs:a/b/c", "https:///a/b/c",
+		"kbs:///a/b/" + strings.Repeat("x", 256),
+	} {
+		_, err := ParseResourceURI(in)
+		require.ErrorIs(t, err, ErrInvalidURI, in)
+	}
+}
+
+func TestSanitize(t *testing.T) {
+	require.Equal(t, "a?b?c", Sanitize("a\nb\x00c"))
+	require.Equal(t, "caf?", Sanitize("café"))
+	long := Sanitize(strings.Repeat("x", 1000))
+	require.True(t, strings.HasSuffix(long, "…"))
+	require.LessOrEqual(t, len(long), 300+len("…"))
+}
+
+func TestHTTPOptions(t *testing.T) {
+	d := HTTPOptions{}.Defaults()
+	require.Equal(t, 2, d.Retries)
+	require.EqualValues(t, 4<<20, d.MaxResponseBytes)
+	require.Equal(t, 0, HTTPOptions{Retries: -1}.Defaults().Retries)
+	pool, err := HTTPOptions{}.CertPool()
+	require.NoError(t, err)
+	require.Nil(t, pool, "system roots")
+	_, err = HTTPOptions{CAFile: filepath.Join(t.TempDir(), "missing.pem")}.CertPool()
+	require.ErrorIs(t, err, ErrConfig)
+	bad := filepath.Join(t.TempDir(), "bad.pem")
+	require.NoError(t, os.WriteFile(bad, []byte("not a certificate"), 0o600))
+	_, err = HTTPOptions{CAFile: bad}.CertPool()
+	require.ErrorIs(t, err, ErrConfig)
+}
