@@ -1,0 +1,94 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/cai-agent/cai-agent/agent/serve"
+	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/verify"
+)
+
+// `cai-agent serve` end to end, in process: configured through CAI_* variables, it serves
+// verifiable evidence and measurements on its unix socket (mode 0660), and exits 0 removing
+// the socket when its context is cancelled (SIGINT/SIGTERM in main).
+func TestServeCommand(t *testing.T) {
+	dir, err := os.MkdirTemp("", "caicli")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "run", "agent.sock")
+	t.Setenv("CAI_TEE", "sample")
+	t.Setenv("CAI_STATE_DIR", filepath.Join(dir, "state"))
+	t.Setenv("CAI_SOCKET", sock)
+	t.Setenv("CAI_MAX_QUEUE", "4")
+	t.Setenv("CAI_QUOTE_TIMEOUT", "20s")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	code := make(chan int, 1)
+	go func() { code <- run(ctx, []string{"cai-agent", "serve"}, strings.NewReader(""), &stdout, &stderr) }()
+
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}}
+	// Wait until it answers (a startup deadline, not a performance assertion).
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case rc := <-code:
+			t.Fatalf("serve exited with %d: %s", rc, stderr.String())
+		default:
+		}
+		require.True(t, time.Now().Before(deadline), "serve did not start: %s", stderr.String())
+		time.Sleep(20 * time.Millisecond)
+	}
+	fi, err := os.Lstat(sock)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o660), fi.Mode().Perm())
+
+	resp, err := client.Post("http://agent"+serve.PathMeasurements, "application/json",
+		strings.NewReader(`{"domain":"example.com","operation":"Start","content":"{\"z\":1,\"a\":2}"}`))
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
+
+	resp, err = client.Get("http://agent" + serve.PathEvidence + "?nonce=cli-test")
+	require.NoError(t, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
+	var b evidence.Bundle
+	require.NoError(t, json.Unmarshal(body, &b))
+	res, err := verify.VerifyEvidence(ctx, &b, "cli-test", nil, verify.Options{AllowSample: true})
+	require.NoError(t, err)
+	require.Len(t, res.Measurements, 1)
+	assert.Equal(t, `{"a":2,"z":1}`, res.Measurements[0].Content)
+
+	cancel()
+	require.Equal(t, ExitOK, <-code, "stderr: %s", stderr.String())
+	assert.NoFileExists(t, sock)
+	assert.Contains(t, stderr.String(), "serving evidence")
+	assert.Contains(t, stderr.String(), "path=/v1/evidence status=200")
+	assert.NotContains(t, stderr.String(), "cli-test", "nonces (query strings) are not logged")
+	assert.Empty(t, stdout.String())
+}
