@@ -140,7 +140,9 @@ func sampleAsQuote(s *evidence.SampleQuote) (*verify.Quote, error) {
 // writeQuoteText prints the quote's fields, one per line, names aligned, in the order of the
 // JSON form.
 func writeQuoteText(w io.Writer, q *verify.Quote) error {
-	b, err := json.Marshal(q)
+	flat := *q
+	flat.PCK = nil
+	b, err := json.Marshal(&flat)
 	if err != nil {
 		return err
 	}
@@ -160,6 +162,12 @@ func writeQuoteText(w io.Writer, q *verify.Quote) error {
 			return err
 		}
 		fmt.Fprintf(tw, "%s\t%v\n", k, v)
+	}
+	if p := q.PCK; p != nil {
+		fmt.Fprintf(tw, "pck_fmspc\t%s\n", p.FMSPC)
+		fmt.Fprintf(tw, "pck_issuer\t%s\n", p.Issuer)
+		fmt.Fprintf(tw, "pck_not_before\t%s\n", p.NotBefore.Format(time.RFC3339))
+		fmt.Fprintf(tw, "pck_not_after\t%s\n", p.NotAfter.Format(time.RFC3339))
 	}
 	return tw.Flush()
 }

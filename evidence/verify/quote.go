@@ -6,9 +6,13 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"strings"
+	"time"
 
 	"github.com/google/go-tdx-guest/abi"
+	"github.com/google/go-tdx-guest/pcs"
 	pb "github.com/google/go-tdx-guest/proto/tdx"
+	"github.com/google/go-tdx-guest/verify"
 )
 
 // Hex is a byte string whose JSON form is lowercase hex.
@@ -79,6 +83,20 @@ type Quote struct {
 	// TEETCBSVN2 and MRServiceTD exist only in TDX 1.5 bodies (v5, body type 3).
 	TEETCBSVN2  Hex `json:"tee_tcb_svn2,omitempty"`
 	MRServiceTD Hex `json:"mr_servicetd,omitempty"`
+
+	// PCK describes the PCK leaf certificate embedded in the quote, when it can be decoded.
+	// It is informational (e.g. to pick a verification time inside its validity) and, like
+	// every field here, unverified until VerifyQuote succeeds.
+	PCK *PCKInfo `json:"pck,omitempty"`
+}
+
+// PCKInfo is what a quote's PCK leaf certificate says about the platform.
+type PCKInfo struct {
+	// FMSPC identifies the platform model and configuration (PCS collateral is per FMSPC).
+	FMSPC     string    `json:"fmspc"`
+	Issuer    string    `json:"issuer"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
 }
 
 // RTMRs returns RTMR0..3.
@@ -179,6 +197,13 @@ func parseQuoteUnsafe(raw []byte) (*Quote, any, error) {
 	}
 	q.RTMR0, q.RTMR1, q.RTMR2, q.RTMR3 = r[0], r[1], r[2], r[3]
 	q.Debug = q.tdAttributes()&TDAttrDebug != 0
+	if chain, err := verify.ExtractChainFromQuote(p); err == nil && chain.PCKCertificate != nil {
+		pck := chain.PCKCertificate
+		q.PCK = &PCKInfo{Issuer: pck.Issuer.CommonName, NotBefore: pck.NotBefore.UTC(), NotAfter: pck.NotAfter.UTC()}
+		if ext, err := pcs.PckCertificateExtensions(pck); err == nil {
+			q.PCK.FMSPC = strings.ToLower(ext.FMSPC)
+		}
+	}
 	return &q, p, nil
 }
 

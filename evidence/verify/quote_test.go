@@ -96,6 +96,11 @@ func TestParseFixtures(t *testing.T) {
 				assert.Nil(t, q.TEETCBSVN2)
 				assert.Nil(t, q.MRServiceTD)
 			}
+			require.NotNil(t, q.PCK)
+			assert.Equal(t, c.notBefore, q.PCK.NotBefore)
+			assert.Equal(t, c.notAfter, q.PCK.NotAfter)
+			assert.Regexp(t, "^Intel SGX PCK (Platform|Processor) CA$", q.PCK.Issuer)
+			assert.Regexp(t, "^[0-9a-f]{12}$", q.PCK.FMSPC)
 			// The neutral struct holds the bytes at the TDX quote format's offsets.
 			raw := fixture(t, c.file)
 			body := 48
@@ -106,6 +111,11 @@ func TestParseFixtures(t *testing.T) {
 			assert.Equal(t, raw[body+328:body+376], []byte(q.RTMR0))
 			assert.Equal(t, raw[body+520:body+584], []byte(q.ReportData))
 		})
+	}
+	for file, fmspc := range map[string]string{"tdx_prod_quote_SPR_E4.dat": "50806f000000", "quote_v5_sample.dat": "90c06f000000", "cos-113-tdx-quote.dat": "00806f050000"} {
+		q, err := ParseQuote(fixture(t, file))
+		require.NoError(t, err)
+		assert.Equal(t, fmspc, q.PCK.FMSPC, file)
 	}
 	// The v5 sample's extra TDX 1.5 fields.
 	q, err := ParseQuote(fixture(t, "quote_v5_sample.dat"))
