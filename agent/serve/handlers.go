@@ -130,16 +130,12 @@ func (s *Server) accessLog(h http.Handler) http.Handler {
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w}
 		h.ServeHTTP(sw, r)
-		peer := r.RemoteAddr
-		if isUnix(r) {
-			peer = "unix"
-		}
 		if sw.status == 0 {
 			sw.status = http.StatusOK
 		}
-		s.log.LogAttrs(r.Context(), slog.LevelInfo, "http request",
-			slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", sw.status),
-			slog.Int64("bytes", sw.n), slog.Duration("duration", time.Since(start)), slog.String("peer", peer))
+		attrs := append([]slog.Attr{slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", sw.status),
+			slog.Int64("bytes", sw.n), slog.Duration("duration", time.Since(start))}, peerAttrs(r)...)
+		s.log.LogAttrs(r.Context(), slog.LevelInfo, "http request", attrs...)
 	})
 }
 
@@ -439,7 +435,9 @@ func (s *Server) handleMeasure(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, "measurement failed: "+err.Error())
 		return
 	}
-	s.log.Info("measured through the API", "domain", ev.Domain, "operation", ev.Operation, "digest", hex.EncodeToString(d))
+	attrs := append([]slog.Attr{slog.String("domain", ev.Domain), slog.String("operation", ev.Operation),
+		slog.String("content", truncate(ev.Content, 256)), slog.String("digest", hex.EncodeToString(d))}, peerAttrs(r)...)
+	s.log.LogAttrs(r.Context(), slog.LevelInfo, "measured through the API", attrs...)
 	writeJSON(w, http.StatusOK, evidence.Measurement{Event: ev, Digest: hex.EncodeToString(d)})
 }
 
@@ -497,4 +495,11 @@ func decodeMeasurement(w http.ResponseWriter, r *http.Request) (evidence.Event, 
 		return evidence.Event{}, http.StatusBadRequest, err
 	}
 	return ev, 0, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }

@@ -1,13 +1,17 @@
 package serve
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -214,4 +218,54 @@ func TestBundleAPI(t *testing.T) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusForbidden, resp.StatusCode)
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Access logs name method, path, status, duration and the peer (with its credentials on the
+// unix socket), never the query string (nonces).
+func TestAccessLog(t *testing.T) {
+	var buf syncBuffer
+	h := start(t, Config{Platform: samplePlatform(t), Logger: slog.New(slog.NewJSONHandler(&buf, nil))})
+	h.evidence(t, true, "secret-looking-nonce")
+	h.evidence(t, false, "another-nonce")
+	h.measure(t, evidence.Event{Domain: "example.com", Operation: "Log", Content: "c"})
+	var lines []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		var m map[string]any
+		require.NoError(t, json.Unmarshal([]byte(l), &m), l)
+		if m["msg"] == "http request" {
+			lines = append(lines, m)
+		}
+	}
+	require.Len(t, lines, 3)
+	for _, m := range lines {
+		for _, k := range []string{"method", "path", "status", "duration", "peer", "bytes"} {
+			assert.Contains(t, m, k)
+		}
+	}
+	assert.Equal(t, "unix", lines[0]["peer"])
+	assert.Equal(t, float64(os.Getuid()), lines[0]["peer_uid"])
+	assert.Equal(t, float64(os.Getpid()), lines[0]["peer_pid"])
+	assert.Contains(t, lines[1]["peer"], "127.0.0.1:")
+	assert.NotContains(t, lines[1], "peer_uid")
+	assert.Equal(t, PathMeasurements, lines[2]["path"])
+	assert.NotContains(t, buf.String(), "secret-looking-nonce")
+	assert.NotContains(t, buf.String(), "another-nonce")
+	assert.Contains(t, buf.String(), `"msg":"measured through the API"`)
 }

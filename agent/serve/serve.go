@@ -31,6 +31,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cai-agent/cai-agent/evidence"
 )
 
@@ -174,8 +176,14 @@ func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			if c.LocalAddr().Network() == "unix" {
-				return context.WithValue(ctx, unixConnKey{}, true)
+			if c.LocalAddr().Network() != "unix" {
+				return ctx
+			}
+			ctx = context.WithValue(ctx, unixConnKey{}, true)
+			if uc, ok := c.(*net.UnixConn); ok {
+				if cred, err := peerCred(uc); err == nil {
+					ctx = context.WithValue(ctx, peerCredKey{}, cred)
+				}
 			}
 			return ctx
 		},
@@ -237,7 +245,39 @@ func ListenAndServe(ctx context.Context, cfg Config) error {
 	return s.Serve(ctx, ls...)
 }
 
-type unixConnKey struct{}
+type (
+	unixConnKey struct{}
+	peerCredKey struct{}
+)
+
+// peerCred returns the credentials of the process at the other end of a unix connection.
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	return cred, cerr
+}
+
+// peerAttrs returns log attributes naming the peer: its address on TCP; "unix" with the
+// peer's pid, uid and gid on the unix socket.
+func peerAttrs(r *http.Request) []slog.Attr {
+	if !isUnix(r) {
+		return []slog.Attr{slog.String("peer", r.RemoteAddr)}
+	}
+	attrs := []slog.Attr{slog.String("peer", "unix")}
+	if cred, ok := r.Context().Value(peerCredKey{}).(*unix.Ucred); ok {
+		attrs = append(attrs, slog.Int("peer_pid", int(cred.Pid)), slog.Int("peer_uid", int(cred.Uid)), slog.Int("peer_gid", int(cred.Gid)))
+	}
+	return attrs
+}
 
 func isUnix(r *http.Request) bool {
 	v, _ := r.Context().Value(unixConnKey{}).(bool)

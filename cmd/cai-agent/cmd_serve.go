@@ -78,34 +78,39 @@ func serveCommands() []*cli.Command {
 			if err := noArgs(c); err != nil {
 				return err
 			}
-			cfg, err := serveConfig(c)
-			if err != nil {
-				return err
-			}
-			// Listen before opening the platform takes long, and fail fast on a busy socket.
-			ls, err := serve.Listen(cfg)
-			if err != nil {
+			if _, err := serveConfig(c); err != nil {
 				return err
 			}
 			p, err := openPlatform(c)
 			if err != nil {
-				for _, l := range ls {
-					l.Close()
-				}
 				return err
 			}
 			defer p.Close()
-			cfg.Platform = p
-			s, err := serve.New(cfg)
-			if err != nil {
-				for _, l := range ls {
-					l.Close()
-				}
-				return err
-			}
-			return s.Serve(c.Context, ls...)
+			return runServe(c, p)
 		},
 	}}
+}
+
+// runServe serves p with the serve flags of c (serveFlags) until c.Context ends: what
+// `fetch-and-decrypt --serve` calls after publishing, with its already open platform.
+func runServe(c *cli.Context, p serve.Platform) error {
+	cfg, err := serveConfig(c)
+	if err != nil {
+		return err
+	}
+	ls, err := serve.Listen(cfg)
+	if err != nil {
+		return err
+	}
+	cfg.Platform = p
+	s, err := serve.New(cfg)
+	if err != nil {
+		for _, l := range ls {
+			l.Close()
+		}
+		return err
+	}
+	return s.Serve(c.Context, ls...)
 }
 
 var serveExitCodes = []exitMapping{
