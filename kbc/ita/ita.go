@@ -199,7 +199,7 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 		return nil, statusError("POST "+path, resp)
 	}
 	var tr TransferResponse
-	if err := strictJSON(resp.Body, &tr); err != nil || len(tr.WrappedKey) == 0 || len(tr.WrappedSWK) == 0 {
+	if err := decodeJSON(resp.Body, &tr); err != nil || len(tr.WrappedKey) == 0 || len(tr.WrappedSWK) == 0 {
 		return nil, fmt.Errorf("%w: ita: POST %s: not a key transfer response {\"wrapped_key\",\"wrapped_swk\"}", kbc.ErrProtocol, path)
 	}
 	swk, err := rsa.DecryptOAEP(sha256.New(), nil, c.key, tr.WrappedSWK, nil)
@@ -226,15 +226,16 @@ func (c *Client) nonce(ctx context.Context, path string) (*Nonce, error) {
 		return nil, statusError("POST "+path+" (nonce)", resp)
 	}
 	var n Nonce
-	if err := strictJSON(resp.Body, &n); err != nil || len(n.Val) == 0 || len(n.Iat) == 0 {
+	if err := decodeJSON(resp.Body, &n); err != nil || len(n.Val) == 0 || len(n.Iat) == 0 {
 		return nil, fmt.Errorf("%w: ita: POST %s: not a nonce {\"val\",\"iat\",\"signature\"}", kbc.ErrProtocol, path)
 	}
 	return &n, nil
 }
 
-func strictJSON(b []byte, v any) error {
+// decodeJSON decodes one JSON object; unknown members are ignored (a newer server may add
+// some), trailing data is not.
+func decodeJSON(b []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return err
 	}
