@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -37,7 +38,7 @@ func TestServeCommand(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr bytes.Buffer
+	var stdout, stderr serveLogBuffer
 	code := make(chan int, 1)
 	go func() { code <- run(ctx, []string{"cai-agent", "serve"}, strings.NewReader(""), &stdout, &stderr) }()
 
@@ -58,7 +59,9 @@ func TestServeCommand(t *testing.T) {
 			t.Fatalf("serve exited with %d: %s", rc, stderr.String())
 		default:
 		}
-		require.True(t, time.Now().Before(deadline), "serve did not start: %s", stderr.String())
+		if time.Now().After(deadline) {
+			t.Fatalf("serve did not start: %s", stderr.String())
+		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	fi, err := os.Lstat(sock)
@@ -84,6 +87,15 @@ func TestServeCommand(t *testing.T) {
 	require.Len(t, res.Measurements, 1)
 	assert.Equal(t, `{"a":2,"z":1}`, res.Measurements[0].Content)
 
+	// The relying party's CLI accepts it for this nonce only.
+	var vout, verr bytes.Buffer
+	rc := run(context.Background(), []string{"cai-agent", "verify", "--evidence", "-", "--nonce", "cli-test", "--allow-sample"}, bytes.NewReader(body), &vout, &verr)
+	assert.Equal(t, ExitOK, rc, "verify: %s%s", vout.String(), verr.String())
+	vout.Reset()
+	verr.Reset()
+	rc = run(context.Background(), []string{"cai-agent", "verify", "--evidence", "-", "--nonce", "other", "--allow-sample"}, bytes.NewReader(body), &vout, &verr)
+	assert.Equal(t, ExitVerify, rc, "verify: %s%s", vout.String(), verr.String())
+
 	cancel()
 	require.Equal(t, ExitOK, <-code, "stderr: %s", stderr.String())
 	assert.NoFileExists(t, sock)
@@ -91,4 +103,22 @@ func TestServeCommand(t *testing.T) {
 	assert.Contains(t, stderr.String(), "path=/v1/evidence status=200")
 	assert.NotContains(t, stderr.String(), "cli-test", "nonces (query strings) are not logged")
 	assert.Empty(t, stdout.String())
+}
+
+// serveLogBuffer is a bytes.Buffer safe for the server goroutine and the test to share.
+type serveLogBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *serveLogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *serveLogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
