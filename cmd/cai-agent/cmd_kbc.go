@@ -34,22 +34,10 @@ func kbcCommands() []*cli.Command {
 			Description: "Runs the broker's full attestation flow with the TEE selected by --tee (evidence from\n" +
 				"--state-dir) and writes the released secret to --out FILE (created with mode 0600; an existing\n" +
 				"file is never overwritten) or, only with --out -, to stdout. The secret is never logged.",
-			Flags: []cli.Flag{
-				&cli.StringFlag{Name: "kbc", Usage: "key broker client: trustee, ita or offline", Required: true},
-				&cli.StringFlag{Name: "kbs-url", Usage: "broker base `URL` (https://host:port; http:// only with --insecure-http)", EnvVars: []string{"CAI_KBS_URL"}},
+			Flags: append([]cli.Flag{
 				&cli.StringFlag{Name: "resource", Usage: "trustee: kbs:///repo/type/tag; ita: key id (UUID) or ita:///keys/UUID; offline: a name", Required: true},
 				&cli.StringFlag{Name: "out", Usage: "write the secret to `FILE` (0600, must not exist); - for stdout"},
-				&cli.StringFlag{Name: "ca-file", Usage: "trust only the CAs in this PEM `FILE` for the broker's TLS certificate"},
-				&cli.BoolFlag{Name: "insecure-http", Usage: "allow a plain http:// broker URL (development only)"},
-				&cli.DurationFlag{Name: "timeout", Usage: "per-request timeout", Value: 30 * time.Second},
-				&cli.IntFlag{Name: "retries", Usage: "retries of a failed request (transport error, timeout, 5xx); negative: none", Value: 2},
-				&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to speak (Trustee demands an exact match)", Value: trustee.DefaultVersion},
-				&cli.StringFlag{Name: "tee-key", Usage: "trustee: ephemeral TEE key, ec (P-256, ECDH-ES+A256KW) or rsa (RSA-3072, RSA-OAEP-256)", Value: "ec"},
-				&cli.BoolFlag{Name: "ita-nonce", Usage: "ita: fetch a KBS nonce first and bind it into REPORTDATA"},
-				&cli.StringFlag{Name: "key-file", Usage: "offline: `FILE` whose bytes are the secret (for any resource name)"},
-				&cli.StringFlag{Name: "key-env", Usage: "offline: environment `VAR` holding std base64 of the secret (for any resource name)"},
-				&cli.StringFlag{Name: "resources", Usage: `offline: JSON file {"repo/type/tag":"<std b64>",…} or directory DIR/repo/type/tag`},
-			},
+			}, kbcClientFlags()...),
 			Action: getResourceAction,
 		},
 		{
@@ -70,6 +58,65 @@ func kbcCommands() []*cli.Command {
 			Action: devKBSAction,
 		},
 	}
+}
+
+// kbcClientFlags are the flags that choose and configure a key broker client (everything
+// but the resource name). Other commands that fetch a key (e.g. the agent) can reuse them
+// with newKBCClient.
+func kbcClientFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "kbc", Usage: "key broker client: trustee, ita or offline", Required: true},
+		&cli.StringFlag{Name: "kbs-url", Usage: "broker base `URL` (https://host:port; http:// only with --insecure-http)", EnvVars: []string{"CAI_KBS_URL"}},
+		&cli.StringFlag{Name: "ca-file", Usage: "trust only the CAs in this PEM `FILE` for the broker's TLS certificate"},
+		&cli.BoolFlag{Name: "insecure-http", Usage: "allow a plain http:// broker URL (development only)"},
+		&cli.DurationFlag{Name: "timeout", Usage: "per-request timeout", Value: 30 * time.Second},
+		&cli.IntFlag{Name: "retries", Usage: "retries of a failed request (transport error, timeout, 5xx); 0: none", Value: 2},
+		&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to speak (Trustee demands an exact match)", Value: trustee.DefaultVersion},
+		&cli.StringFlag{Name: "tee-key", Usage: "trustee: ephemeral TEE key, ec (P-256, ECDH-ES+A256KW) or rsa (RSA-3072, RSA-OAEP-256)", Value: "ec"},
+		&cli.BoolFlag{Name: "ita-nonce", Usage: "ita: fetch a KBS nonce first and bind it into REPORTDATA"},
+		&cli.StringFlag{Name: "key-file", Usage: "offline: `FILE` whose bytes are the secret (for any resource name)"},
+		&cli.StringFlag{Name: "key-env", Usage: "offline: environment `VAR` holding std base64 of the secret (for any resource name)"},
+		&cli.StringFlag{Name: "resources", Usage: `offline: JSON file {"repo/type/tag":"<std b64>",…} or directory DIR/repo/type/tag`},
+	}
+}
+
+// needsAttester reports whether the client chosen by kbcClientFlags attests (trustee, ita).
+func needsAttester(c *cli.Context) bool { k := c.String("kbc"); return k == "trustee" || k == "ita" }
+
+// newKBCClient builds the client chosen by kbcClientFlags. attester is used by trustee and
+// ita (it may be nil for offline).
+func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error) {
+	httpOpts := kbc.HTTPOptions{CAFile: c.String("ca-file"), InsecureHTTP: c.Bool("insecure-http"), Timeout: c.Duration("timeout"), Retries: c.Int("retries")}
+	if c.Int("retries") <= 0 {
+		httpOpts.Retries = -1
+	}
+	kind := c.String("kbc")
+	if kind != "offline" && (c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")) {
+		return nil, usagef("--key-file, --key-env and --resources are for --kbc offline")
+	}
+	switch kind {
+	case "offline":
+		if c.IsSet("kbs-url") {
+			return nil, usagef("--kbc offline takes no --kbs-url")
+		}
+		return offline.New(offline.Options{KeyFile: c.String("key-file"), KeyEnv: c.String("key-env"), Resources: c.String("resources")})
+	case "trustee", "ita":
+		if c.String("kbs-url") == "" {
+			return nil, usagef("--kbc %s needs --kbs-url", kind)
+		}
+		if attester == nil {
+			return nil, fmt.Errorf("--kbc %s: no evidence provider", kind)
+		}
+		if kind == "ita" {
+			return ita.New(ita.Options{URL: c.String("kbs-url"), Attester: attester, Nonce: c.Bool("ita-nonce"), HTTP: httpOpts})
+		}
+		alg := map[string]string{"ec": trustee.AlgECDHES, "rsa": trustee.AlgRSAOAEP256}[c.String("tee-key")]
+		if alg == "" {
+			return nil, usagef("--tee-key must be ec or rsa")
+		}
+		return trustee.New(trustee.Options{URL: c.String("kbs-url"), Attester: attester, Version: c.String("kbs-version"), KeyAlgorithm: alg, HTTP: httpOpts})
+	}
+	return nil, usagef("--kbc must be trustee, ita or offline, not %q", kind)
 }
 
 var kbcExitCodes = []exitMapping{
@@ -97,49 +144,18 @@ func getResourceAction(c *cli.Context) error {
 			return usagef("get-resource: --out %s: %v (remove it first)", out, errOutExists)
 		}
 	}
-	httpOpts := kbc.HTTPOptions{CAFile: c.String("ca-file"), InsecureHTTP: c.Bool("insecure-http"), Timeout: c.Duration("timeout"), Retries: c.Int("retries")}
-	if c.Int("retries") == 0 {
-		httpOpts.Retries = -1
-	}
-	kind := c.String("kbc")
-	offlineSet := c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")
-	if kind != "offline" && offlineSet {
-		return usagef("get-resource: --key-file, --key-env and --resources are for --kbc offline")
-	}
-	var client kbc.Client
-	switch kind {
-	case "offline":
-		if c.IsSet("kbs-url") {
-			return usagef("get-resource: --kbc offline takes no --kbs-url")
-		}
-		cl, err := offline.New(offline.Options{KeyFile: c.String("key-file"), KeyEnv: c.String("key-env"), Resources: c.String("resources")})
-		if err != nil {
-			return err
-		}
-		client = cl
-	case "trustee", "ita":
-		if c.String("kbs-url") == "" {
-			return usagef("get-resource: --kbc %s needs --kbs-url", kind)
-		}
+	var attester evidence.Attester
+	if needsAttester(c) && c.String("kbs-url") != "" {
 		p, err := evidence.Open(c.Context, evidence.Options{TEE: c.String("tee"), StateDir: c.String("state-dir")})
 		if err != nil {
 			return err
 		}
 		defer p.Close()
-		if kind == "trustee" {
-			alg := map[string]string{"ec": trustee.AlgECDHES, "rsa": trustee.AlgRSAOAEP256}[c.String("tee-key")]
-			if alg == "" {
-				return usagef("get-resource: --tee-key must be ec or rsa")
-			}
-			client, err = trustee.New(trustee.Options{URL: c.String("kbs-url"), Attester: p, Version: c.String("kbs-version"), KeyAlgorithm: alg, HTTP: httpOpts})
-		} else {
-			client, err = ita.New(ita.Options{URL: c.String("kbs-url"), Attester: p, Nonce: c.Bool("ita-nonce"), HTTP: httpOpts})
-		}
-		if err != nil {
-			return err
-		}
-	default:
-		return usagef("get-resource: --kbc must be trustee, ita or offline, not %q", kind)
+		attester = p
+	}
+	client, err := newKBCClient(c, attester)
+	if err != nil {
+		return err
 	}
 	secret, err := client.GetResource(c.Context, c.String("resource"))
 	if err != nil {
@@ -223,6 +239,7 @@ func devKBSAction(c *cli.Context) error {
 	addr := ln.Addr().String()
 	fmt.Fprint(c.App.ErrWriter, devBanner)
 	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (RCAR %s); resources: %s\n", addr, srv.Version, strings.Join(srv.Resources(), " "))
+	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent --tee sample get-resource --kbc trustee --kbs-url http://%s --insecure-http --resource URI --out FILE\n", addr)
 	if f := c.String("addr-file"); f != "" {
 		tmp := filepath.Join(filepath.Dir(f), "."+filepath.Base(f)+".tmp")
 		if err := os.WriteFile(tmp, []byte(addr+"\n"), 0o644); err != nil {
