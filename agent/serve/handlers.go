@@ -492,6 +492,9 @@ func decodeMeasurement(w http.ResponseWriter, r *http.Request) (evidence.Event, 
 			return evidence.Event{}, http.StatusBadRequest, fmt.Errorf("content: %v", err)
 		}
 		content = string(canon)
+		if len(content) > MaxContentLen {
+			return evidence.Event{}, http.StatusBadRequest, fmt.Errorf("content is %d bytes in canonical form; at most %d allowed", len(content), MaxContentLen)
+		}
 	}
 	ev := evidence.Event{Domain: *req.Domain, Operation: *req.Operation, Content: content}
 	if err := ev.Validate(); err != nil {

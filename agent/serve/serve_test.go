@@ -16,6 +16,8 @@ import (
 
 	"github.com/cai-agent/cai-agent/evidence"
 	"github.com/cai-agent/cai-agent/evidence/eventlog"
+	"github.com/cai-agent/cai-agent/evidence/evidencetest"
+	"github.com/cai-agent/cai-agent/evidence/rtmr/rtmrtest"
 	"github.com/cai-agent/cai-agent/evidence/verify"
 )
 
@@ -426,5 +428,26 @@ func TestOpenWebUIQuote(t *testing.T) {
 			_, err = verify.VerifyEvidence(ctx, b, qr.Nonce, nil, verify.Options{AllowSample: true})
 			require.NoError(t, err)
 		}
+	}
+}
+
+// A TDX platform whose configfs-tsm hands back a quote for other REPORTDATA (here: the real
+// cos-113 quote, unpatched) is never served.
+func TestForeignTDXQuoteRefused(t *testing.T) {
+	root := t.TempDir()
+	p, err := evidence.Open(context.Background(), evidence.Options{
+		TEE: evidence.TEETDX, StateDir: t.TempDir() + "/state", Root: root,
+		Kernel: &rtmrtest.Kernel{Root: root, Sysfs: true},
+		TSM:    evidencetest.TSM(fixture(t, "tdx/cos-113-tdx-quote.dat"), false, "tdx_guest"),
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Close() })
+	h := start(t, Config{Platform: p})
+	for _, path := range []string{PathEvidence + "?nonce=mine", PathQuote} {
+		r := h.do(t, false, http.MethodGet, path, "", "")
+		// The TDX runtime already refuses it (503); the server's own check (500, see
+		// TestNeverMixedUp) is the second line.
+		require.Equal(t, http.StatusServiceUnavailable, r.status, "%s: %s", path, r.body)
+		assert.Contains(t, r.errMsg(t), "REPORTDATA")
 	}
 }
