@@ -1,0 +1,312 @@
+// Package agent is cai-agent's fetch-and-decrypt job: it measures the operator's binaries
+// into RTMR3, obtains the model key from a key broker with fresh evidence, stream-decrypts
+// the encrypted model from a local directory or an http(s) URL into tmpfs, measures the
+// model into RTMR3 and publishes it atomically (a plain directory, or an Ollama store).
+//
+// The flow, in order (each step is logged with slog and named in a *StepError on failure):
+//
+//	measure-binaries  OpBinary {"path","sha384"} per Config.MeasureBinaries, before any key request
+//	open-model        read and parse the public header (model.cai) from the source
+//	get-key           Broker.GetResource(Resource or the model's key hint); the broker attests
+//	unlock            check the key commitment and authenticate the manifest; the key is zeroed
+//	decrypt           stream-decrypt, verify and stage every file (store.Unpack)
+//	measure-model     OpModel {"manifest_sha256","name"}, before anything is published
+//	publish           atomic renames, then the ready marker (store.Unpack)
+//
+// On failure nothing of the run is published, the key is wiped, and staged plaintext is
+// removed (store.Unpack's guarantees). A rerun on an identical, published model decrypts
+// nothing but still measures the model, so this boot's RTMR3 always reflects it.
+package agent
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"crypto/sha512"
+
+	"github.com/cai-agent/cai-agent/agent/store"
+	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
+	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/kbc"
+)
+
+// Steps of the flow, as named in StepError.Step and in log records.
+const (
+	StepMeasureBinaries = "measure-binaries"
+	StepOpenModel       = "open-model"
+	StepGetKey          = "get-key"
+	StepUnlock          = "unlock"
+	StepDecrypt         = "decrypt"
+	StepMeasureModel    = "measure-model"
+	StepPublish         = "publish"
+)
+
+// Sentinel errors. Every *StepError also matches the class of its step (ErrMeasure for the
+// measure steps, ErrKey for get-key, ErrSource for open-model) in addition to its cause,
+// so a caller can map any failure to an exit code with errors.Is; the cause's own class
+// (modelcrypt.ErrWrongKey, modelcrypt.ErrCorrupt, store.ErrNotTmpfs, kbc.ErrRefused,
+// evidence.ErrQuote, …) is kept and should be checked first.
+var (
+	ErrConfig  = errors.New("agent: invalid configuration")
+	ErrSource  = errors.New("agent: model source failed")
+	ErrKey     = errors.New("agent: key broker failed")
+	ErrMeasure = errors.New("agent: measurement failed")
+)
+
+// StepError is a failure of one step of the flow.
+type StepError struct {
+	Step string
+	Err  error
+}
+
+func (e *StepError) Error() string { return e.Step + ": " + e.Err.Error() }
+
+// Unwrap returns the cause and the step's class (see the sentinel errors).
+func (e *StepError) Unwrap() []error {
+	errs := []error{e.Err}
+	switch e.Step {
+	case StepMeasureBinaries, StepMeasureModel:
+		errs = append(errs, ErrMeasure)
+	case StepGetKey:
+		errs = append(errs, ErrKey)
+	case StepOpenModel:
+		errs = append(errs, ErrSource)
+	}
+	return errs
+}
+
+// Evidence is what the agent needs from the TEE: it measures events into RTMR3 (and its
+// event log). *evidence.Platform implements it. If it also has RTMRs() ([4][]byte, error),
+// the result reports RTMR3.
+type Evidence interface {
+	evidence.Measurer
+}
+
+// Config configures Run.
+type Config struct {
+	// Source reads the encrypted model: modelcrypt.DirSource(dir) or an *HTTPSource.
+	Source modelcrypt.Source
+	// Out is the output directory (an Ollama store for Ollama models); it must be on tmpfs
+	// unless AllowNonTmpfs.
+	Out string
+	// Evidence measures into RTMR3. Required.
+	Evidence Evidence
+	// Broker releases the model key. Required.
+	Broker kbc.Client
+	// Resource is the key's resource URI; "" = the model's key hint.
+	Resource string
+	// MeasureBinaries are files measured (OpBinary) before the key is requested.
+	MeasureBinaries []string
+	// ModelName overrides the name measured for a plain-files model (default: the base name
+	// of Out). For an Ollama model the measured name is always its Ollama name.
+	ModelName string
+	// AllowNonTmpfs, VerifyDigests and Workers are passed to store.Unpack.
+	AllowNonTmpfs bool
+	VerifyDigests bool
+	Workers       int
+	// Progress, if set, is called concurrently with (bytes done, total bytes) while decrypting.
+	Progress func(done, total int64)
+	// Logger receives the step log; nil = slog.Default().
+	Logger *slog.Logger
+}
+
+// Measurement is one event this run measured.
+type Measurement struct {
+	Operation string `json:"operation"`
+	Content   string `json:"content"`
+	Digest    string `json:"digest"` // hex SHA-384 extended into RTMR3
+}
+
+// Result summarizes a successful run.
+type Result struct {
+	Out              string        `json:"out"`
+	Kind             string        `json:"kind"`
+	Name             string        `json:"name,omitempty"`
+	ManifestSHA256   string        `json:"manifest_sha256"`
+	ModelSHA256      string        `json:"model_sha256"`
+	Files            int           `json:"files"`
+	Skipped          int           `json:"skipped"`
+	Bytes            int64         `json:"bytes"`
+	AlreadyPublished bool          `json:"already_published"`
+	Seconds          float64       `json:"seconds"`
+	DecryptSeconds   float64       `json:"decrypt_seconds"`
+	ThroughputMBps   float64       `json:"throughput_mb_s"` // decrypted MB (10^6) per decrypt second
+	Measurements     []Measurement `json:"measurements"`
+	RTMR3            string        `json:"rtmr3,omitempty"`
+}
+
+// Run executes the flow. It honours ctx cancellation at every step (a cancelled run
+// publishes nothing).
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	start := time.Now()
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	switch {
+	case cfg.Source == nil:
+		return nil, fmt.Errorf("%w: no source", ErrConfig)
+	case cfg.Out == "":
+		return nil, fmt.Errorf("%w: no output directory", ErrConfig)
+	case cfg.Evidence == nil:
+		return nil, fmt.Errorf("%w: no evidence provider", ErrConfig)
+	case cfg.Broker == nil:
+		return nil, fmt.Errorf("%w: no key broker", ErrConfig)
+	}
+	cfg.Source = errSource{cfg.Source}
+	res := &Result{Out: cfg.Out, Measurements: []Measurement{}}
+	measure := func(ctx context.Context, ev evidence.Event) error {
+		d, err := cfg.Evidence.Measure(ctx, ev)
+		if err != nil {
+			return err
+		}
+		res.Measurements = append(res.Measurements, Measurement{Operation: ev.Operation, Content: ev.Content, Digest: hex.EncodeToString(d)})
+		log.Info("measured into RTMR3", "operation", ev.Operation, "content", ev.Content)
+		return nil
+	}
+
+	// 1. Binaries, before anything can release a key.
+	for _, p := range cfg.MeasureBinaries {
+		ev, err := BinaryEvent(p)
+		if err == nil {
+			err = measure(ctx, ev)
+		}
+		if err != nil {
+			return nil, &StepError{StepMeasureBinaries, err}
+		}
+	}
+
+	// 2. The public header.
+	log.Info("opening encrypted model")
+	m, err := modelcrypt.Open(ctx, cfg.Source)
+	if err != nil {
+		return nil, &StepError{StepOpenModel, err}
+	}
+	defer m.Lock()
+	man := m.Manifest()
+	log.Info("encrypted model", "kind", man.Kind, "ollama_model", man.OllamaModel, "files", len(man.Files), "bytes", man.TotalSize(), "key_hint", m.KeyHint())
+
+	// 3. The key.
+	resource := cfg.Resource
+	if resource == "" {
+		resource = m.KeyHint()
+	}
+	if resource == "" {
+		return nil, &StepError{StepGetKey, fmt.Errorf("%w: the model has no key hint; set the resource", ErrConfig)}
+	}
+	log.Info("requesting model key", "resource", kbc.Sanitize(resource))
+	key, err := cfg.Broker.GetResource(ctx, resource)
+	if err != nil {
+		return nil, &StepError{StepGetKey, err}
+	}
+	err = m.Unlock(key)
+	clear(key)
+	if err != nil {
+		return nil, &StepError{StepUnlock, err}
+	}
+	log.Info("model key accepted; manifest authenticated")
+
+	// 4. Decrypt, measure (before publish), publish.
+	var modelErr error
+	var total = man.TotalSize()
+	var done progressCounter
+	opts := store.Options{
+		AllowNonTmpfs: cfg.AllowNonTmpfs,
+		VerifyDigests: cfg.VerifyDigests,
+		Workers:       cfg.Workers,
+		BeforePublish: func(ctx context.Context, r *store.Result) error {
+			if err := measureModel(ctx, cfg, r, measure); err != nil {
+				modelErr = err
+				return err
+			}
+			log.Info("publishing", "out", cfg.Out)
+			return nil
+		},
+	}
+	if cfg.Progress != nil {
+		opts.Progress = func(n int64) { cfg.Progress(done.add(n), total) }
+	}
+	log.Info("decrypting", "out", cfg.Out, "bytes", total)
+	dstart := time.Now()
+	r, err := store.Unpack(ctx, m, cfg.Source, cfg.Out, opts)
+	dsecs := time.Since(dstart).Seconds()
+	if err != nil {
+		if modelErr != nil {
+			return nil, &StepError{StepMeasureModel, err}
+		}
+		return nil, &StepError{StepDecrypt, err}
+	}
+	if r.AlreadyPublished {
+		log.Info("model already published and identical; nothing decrypted", "out", cfg.Out)
+		if err := measureModel(ctx, cfg, r, measure); err != nil {
+			return nil, &StepError{StepMeasureModel, err}
+		}
+	}
+	res.Kind, res.Name, res.ManifestSHA256, res.ModelSHA256 = r.Kind, r.Name, r.ManifestSHA256, r.ModelSHA256
+	res.Files, res.Skipped, res.Bytes, res.AlreadyPublished = r.Files, r.Skipped, r.Bytes, r.AlreadyPublished
+	res.DecryptSeconds = dsecs
+	if dsecs > 0 {
+		res.ThroughputMBps = float64(r.Bytes) / 1e6 / dsecs
+	}
+	if rt, ok := cfg.Evidence.(interface{ RTMRs() ([4][]byte, error) }); ok {
+		if v, err := rt.RTMRs(); err == nil {
+			res.RTMR3 = hex.EncodeToString(v[3])
+		}
+	}
+	res.Seconds = time.Since(start).Seconds()
+	log.Info("model published", "out", cfg.Out, "kind", r.Kind, "name", r.Name, "manifest_sha256", r.ManifestSHA256,
+		"files", r.Files, "skipped", r.Skipped, "bytes", r.Bytes, "seconds", res.Seconds)
+	return res, nil
+}
+
+func measureModel(ctx context.Context, cfg Config, r *store.Result, measure func(context.Context, evidence.Event) error) error {
+	d, err := hex.DecodeString(r.ManifestSHA256)
+	if err != nil || len(d) != 32 {
+		return fmt.Errorf("bad manifest digest %q from the store", r.ManifestSHA256)
+	}
+	name := r.Name
+	if name == "" {
+		name = cfg.ModelName
+	}
+	if name == "" {
+		name = filepath.Base(filepath.Clean(cfg.Out))
+	}
+	ev, err := evidence.ModelEvent(name, d)
+	if err != nil {
+		return err
+	}
+	return measure(ctx, ev)
+}
+
+// BinaryEvent streams SHA-384 over the regular file at path and returns its OpBinary event
+// (content {"path": absolute path, "sha384": hex}).
+func BinaryEvent(path string) (evidence.Event, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return evidence.Event{}, fmt.Errorf("measure %s: %w", path, err)
+	}
+	f, err := os.Open(abs)
+	if err != nil {
+		return evidence.Event{}, fmt.Errorf("measure: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return evidence.Event{}, fmt.Errorf("measure: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return evidence.Event{}, fmt.Errorf("%w: measure: %s is not a regular file", ErrConfig, abs)
+	}
+	h := sha512.New384()
+	if _, err := io.Copy(h, f); err != nil {
+		return evidence.Event{}, fmt.Errorf("measure: read %s: %w", abs, err)
+	}
+	return evidence.BinaryEvent(abs, h.Sum(nil))
+}
