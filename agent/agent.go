@@ -19,7 +19,9 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -206,8 +208,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, &StepError{StepGetKey, err}
 	}
-	err = m.Unlock(key)
+	k, err := ParseKey(key)
 	clear(key)
+	if err != nil {
+		return nil, &StepError{StepGetKey, err}
+	}
+	err = m.Unlock(k)
+	clear(k)
 	if err != nil {
 		return nil, &StepError{StepUnlock, err}
 	}
@@ -309,4 +316,21 @@ func BinaryEvent(path string) (evidence.Event, error) {
 		return evidence.Event{}, fmt.Errorf("measure: read %s: %w", abs, err)
 	}
 	return evidence.BinaryEvent(abs, h.Sum(nil))
+}
+
+// ParseKey returns the 32-byte model key in a released secret: exactly 32 raw bytes, or
+// standard base64 of 32 bytes (as `cai-agent keygen` writes it), surrounding whitespace
+// ignored. The error never contains the secret. The caller should clear both.
+func ParseKey(secret []byte) ([]byte, error) {
+	if len(secret) == modelcrypt.KeySize {
+		return bytes.Clone(secret), nil
+	}
+	t := bytes.TrimSpace(secret)
+	k := make([]byte, base64.StdEncoding.DecodedLen(len(t)))
+	n, err := base64.StdEncoding.Decode(k, t)
+	if err != nil || n != modelcrypt.KeySize {
+		clear(k)
+		return nil, fmt.Errorf("%w: the released secret (%d bytes) is neither a 32-byte key nor standard base64 of one", ErrKey, len(secret))
+	}
+	return k[:n], nil
 }
