@@ -150,10 +150,10 @@ func (e *enc) write(b []byte) {
 		e.n += int64(len(b))
 	}
 }
-func (e *enc) u32(v uint32) { e.write(binary.LittleEndian.AppendUint32(nil, v)) }
-func (e *enc) u64(v uint64) { e.write(binary.LittleEndian.AppendUint64(nil, v)) }
+func (e *enc) u32(v uint32)  { e.write(binary.LittleEndian.AppendUint32(nil, v)) }
+func (e *enc) u64(v uint64)  { e.write(binary.LittleEndian.AppendUint64(nil, v)) }
 func (e *enc) f32(v float32) { e.u32(math.Float32bits(v)) }
-func (e *enc) str(s string) { e.u64(uint64(len(s))); e.write([]byte(s)) }
+func (e *enc) str(s string)  { e.u64(uint64(len(s))); e.write([]byte(s)) }
 func (e *enc) pad() {
 	if r := e.n % alignment; r != 0 {
 		e.write(make([]byte, alignment-r))
