@@ -59,5 +59,9 @@ $(OLLAMA_BIN):
 print-ollama-bin:
 	@echo $(OLLAMA_BIN)
 
+# The whole mission on this machine with no TEE hardware (see deploy/demo.sh).
+demo:
+	CAI_OLLAMA_BIN=$${CAI_OLLAMA_BIN:-$(OLLAMA_BIN)} GO=$(GO) bash deploy/demo.sh
+
 clean:
 	rm -rf bin
