@@ -61,10 +61,10 @@ type HTTPSource struct {
 func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("%w: source URL %q: want http(s)://host/path", ErrConfig, base)
+		return nil, fmt.Errorf("%w: source URL %q: want http(s)://host/path", ErrConfig, redactQuery(base))
 	}
 	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("%w: source URL %q: no query or fragment allowed", ErrConfig, base)
+		return nil, fmt.Errorf("%w: source URL %q: no query or fragment allowed", ErrConfig, redactQuery(base))
 	}
 	if !strings.HasSuffix(u.Path, "/") {
 		u.Path += "/"
@@ -361,4 +361,17 @@ func redact(u string) string {
 	}
 	p.User = nil
 	return p.String()
+}
+
+// redactQuery drops everything from the first '?' or '#' (it may hold a signature) and any
+// userinfo.
+func redactQuery(s string) string {
+	if i := strings.IndexAny(s, "?#"); i >= 0 {
+		s = s[:i] + "?…"
+	}
+	if u, err := url.Parse(s); err == nil && u.User != nil {
+		u.User = nil
+		return u.String()
+	}
+	return s
 }

@@ -1,0 +1,305 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
+)
+
+// objectServer serves the files of dir like a static server / object store (Range, ETag),
+// and can misbehave.
+type objectServer struct {
+	dir string
+	// cutAfter, if > 0, aborts the connection after this many body bytes on the first
+	// cuts requests of every object.
+	cutAfter int
+	cuts     int
+	// onResume, if set, may alter a Range request's response (return true if handled).
+	onResume func(w http.ResponseWriter, r *http.Request) bool
+	status   []int // answered (in order) before serving normally
+
+	mu       sync.Mutex
+	requests map[string]int
+	ranges   []string
+	statusN  atomic.Int32
+}
+
+func (s *objectServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	name := strings.TrimPrefix(path.Clean(r.URL.Path), "/m/")
+	s.mu.Lock()
+	if s.requests == nil {
+		s.requests = map[string]int{}
+	}
+	s.requests[name]++
+	n := s.requests[name]
+	if rg := r.Header.Get("Range"); rg != "" {
+		s.ranges = append(s.ranges, name+" "+rg+" "+r.Header.Get("If-Range"))
+	}
+	s.mu.Unlock()
+	if i := int(s.statusN.Add(1)) - 1; i < len(s.status) {
+		http.Error(w, "busy", s.status[i])
+		return
+	}
+	if r.Header.Get("Range") != "" && s.onResume != nil && s.onResume(w, r) {
+		return
+	}
+	b, err := os.ReadFile(filepath.Join(s.dir, filepath.FromSlash(name)))
+	if err != nil {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("ETag", fmt.Sprintf(`"%x-%d"`, len(b), len(name)))
+	var ww http.ResponseWriter = w
+	if s.cutAfter > 0 && n <= s.cuts {
+		ww = &cutWriter{ResponseWriter: w, left: s.cutAfter}
+	}
+	http.ServeContent(ww, r, name, time.Time{}, bytes.NewReader(b))
+}
+
+// cutWriter aborts the connection (the client sees a short body) after left bytes.
+type cutWriter struct {
+	http.ResponseWriter
+	left int
+}
+
+func (c *cutWriter) Write(p []byte) (int, error) {
+	if len(p) > c.left {
+		c.ResponseWriter.Write(p[:c.left])
+		c.ResponseWriter.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler)
+	}
+	c.left -= len(p)
+	return c.ResponseWriter.Write(p)
+}
+
+func httpSource(t *testing.T, url string, o HTTPOptions) *HTTPSource {
+	t.Helper()
+	if o.Backoff == 0 {
+		o.Backoff = time.Millisecond
+	}
+	s, err := NewHTTPSource(url, o)
+	require.NoError(t, err)
+	return s
+}
+
+func TestHTTPSourceResumesCutTransfers(t *testing.T) {
+	dir, key, plain := testModel(t, 300<<10)
+	srv := &objectServer{dir: dir, cutAfter: 10000, cuts: 2}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	out := t.TempDir()
+	res, err := Run(context.Background(), Config{
+		Source: httpSource(t, ts.URL+"/m", HTTPOptions{}), Out: out, Evidence: &fakeTEE{}, Broker: &fakeBroker{key: key},
+		AllowNonTmpfs: true, Workers: 2,
+	})
+	require.NoError(t, err)
+	requirePublished(t, out, plain)
+	require.Equal(t, 3, res.Files)
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	require.NotEmpty(t, srv.ranges)
+	for _, r := range srv.ranges {
+		require.Contains(t, r, `bytes=`)
+		require.Contains(t, r, `"`, "If-Range with the strong ETag: %s", r)
+	}
+	// Every object was requested more than once (cut twice, then resumed).
+	for name, n := range srv.requests {
+		if n == 1 {
+			fi, err := os.Stat(filepath.Join(dir, name))
+			require.NoError(t, err)
+			require.LessOrEqual(t, fi.Size(), int64(10000), "%s was not cut", name)
+		}
+	}
+}
+
+func TestHTTPSourceReadResume(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("0123456789abcdef"), 20000)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "obj"), data, 0o644))
+	srv := &objectServer{dir: dir, cutAfter: 7777, cuts: 3}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	s := httpSource(t, ts.URL+"/m/", HTTPOptions{})
+	for _, off := range []int64{0, 12345} {
+		rc, err := s.Open(context.Background(), "obj", off)
+		require.NoError(t, err)
+		got, err := io.ReadAll(rc)
+		require.NoError(t, err)
+		require.NoError(t, rc.Close())
+		require.True(t, bytes.Equal(data[off:], got), "offset %d", off)
+	}
+}
+
+func TestHTTPSourceRefusesChangedObject(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("x"), 100000)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "obj"), data, 0o644))
+	for name, resume := range map[string]func(w http.ResponseWriter, r *http.Request) bool{
+		"whole object on resume": func(w http.ResponseWriter, r *http.Request) bool {
+			w.Write(data) // 200: If-Range did not match
+			return true
+		},
+		"wrong start": func(w http.ResponseWriter, r *http.Request) bool {
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes 0-%d/%d", len(data)-1, len(data)))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(data)
+			return true
+		},
+		"other size": func(w http.ResponseWriter, r *http.Request) bool {
+			var start int
+			fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-", &start)
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, len(data), len(data)+1))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(data[start:])
+			return true
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ts := httptest.NewServer(&objectServer{dir: dir, cutAfter: 5000, cuts: 1, onResume: resume})
+			defer ts.Close()
+			rc, err := httpSource(t, ts.URL+"/m", HTTPOptions{}).Open(context.Background(), "obj", 0)
+			require.NoError(t, err)
+			defer rc.Close()
+			_, err = io.ReadAll(rc)
+			require.ErrorIs(t, err, ErrSource)
+		})
+	}
+}
+
+func TestHTTPSourceStatus(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "obj"), []byte("hello"), 0o644))
+
+	// 503 and 429 are retried.
+	srv := &objectServer{dir: dir, status: []int{503, 429}}
+	ts := httptest.NewServer(srv)
+	rc, err := httpSource(t, ts.URL+"/m", HTTPOptions{}).Open(context.Background(), "obj", 0)
+	require.NoError(t, err)
+	b, _ := io.ReadAll(rc)
+	rc.Close()
+	require.Equal(t, "hello", string(b))
+	ts.Close()
+
+	// Out of retries.
+	srv = &objectServer{dir: dir, status: []int{500, 500, 500}}
+	ts = httptest.NewServer(srv)
+	_, err = httpSource(t, ts.URL+"/m", HTTPOptions{Retries: 2}).Open(context.Background(), "obj", 0)
+	require.ErrorIs(t, err, ErrSource)
+	require.Contains(t, err.Error(), "500")
+	ts.Close()
+
+	// 404 is not retried.
+	srv = &objectServer{dir: dir}
+	ts = httptest.NewServer(srv)
+	defer ts.Close()
+	_, err = httpSource(t, ts.URL+"/m", HTTPOptions{}).Open(context.Background(), "nothing", 0)
+	require.ErrorIs(t, err, ErrSource)
+	require.Equal(t, 1, srv.requests["nothing"])
+
+	// A server that ignores Range cannot serve an offset.
+	ts2 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("hello")) }))
+	defer ts2.Close()
+	_, err = httpSource(t, ts2.URL, HTTPOptions{}).Open(context.Background(), "obj", 2)
+	require.ErrorIs(t, err, ErrSource)
+
+	_, err = httpSource(t, ts.URL, HTTPOptions{}).Open(context.Background(), "../etc/passwd", 0)
+	require.ErrorIs(t, err, ErrSource)
+	for _, bad := range []string{"ftp://x/", "http://", "https://h/p?sig=secret", "/local"} {
+		_, err := NewHTTPSource(bad, HTTPOptions{})
+		require.ErrorIs(t, err, ErrConfig, bad)
+		require.NotContains(t, err.Error(), "sig=secret")
+	}
+}
+
+func TestHTTPSourceUnreachableAndTampered(t *testing.T) {
+	dir, key, plain := testModel(t, 100<<10)
+	ts := httptest.NewServer(&objectServer{dir: dir})
+	url := ts.URL
+	ts.Close()
+	out := t.TempDir()
+	_, err := Run(context.Background(), Config{Source: httpSource(t, url+"/m", HTTPOptions{Retries: 1}), Out: out, Evidence: &fakeTEE{}, Broker: &fakeBroker{key: key}, AllowNonTmpfs: true})
+	var se *StepError
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, StepOpenModel, se.Step)
+	require.ErrorIs(t, err, ErrSource)
+	requireNothingPublished(t, out, plain)
+
+	// Tampered in transit: the decryptor refuses it, nothing is published.
+	tampered := filepath.Join(t.TempDir(), "t")
+	require.NoError(t, os.CopyFS(tampered, os.DirFS(dir)))
+	shards, err := filepath.Glob(filepath.Join(tampered, "*.shard"))
+	require.NoError(t, err)
+	shard := shards[0]
+	for _, s := range shards {
+		if a, b := fileSize(t, s), fileSize(t, shard); a > b {
+			shard = s
+		}
+	}
+	b, err := os.ReadFile(shard)
+	require.NoError(t, err)
+	b[100] ^= 1
+	require.NoError(t, os.WriteFile(shard, b, 0o644))
+	ts = httptest.NewServer(&objectServer{dir: tampered})
+	defer ts.Close()
+	_, err = Run(context.Background(), Config{Source: httpSource(t, ts.URL+"/m", HTTPOptions{}), Out: out, Evidence: &fakeTEE{}, Broker: &fakeBroker{key: key}, AllowNonTmpfs: true})
+	require.ErrorIs(t, err, modelcrypt.ErrCorrupt)
+	requireNothingPublished(t, out, plain)
+}
+
+func TestHTTPSourceTLS(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "obj"), []byte("hello"), 0o644))
+	ts := httptest.NewTLSServer(&objectServer{dir: dir})
+	defer ts.Close()
+	// Not trusted by default.
+	_, err := httpSource(t, ts.URL+"/m", HTTPOptions{Retries: -1}).Open(context.Background(), "obj", 0)
+	require.ErrorIs(t, err, ErrSource)
+	require.Contains(t, err.Error(), "certificate")
+	// Trusted with its CA.
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	require.NoError(t, os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}), 0o644))
+	rc, err := httpSource(t, ts.URL+"/m", HTTPOptions{CAFile: ca}).Open(context.Background(), "obj", 0)
+	require.NoError(t, err)
+	b, _ := io.ReadAll(rc)
+	rc.Close()
+	require.Equal(t, "hello", string(b))
+}
+
+func TestHTTPSourceCancel(t *testing.T) {
+	block := make(chan struct{})
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "1000")
+		w.Write([]byte("partial"))
+		w.(http.Flusher).Flush()
+		select {
+		case <-block:
+		case <-r.Context().Done():
+		}
+	}))
+	defer ts.Close()
+	defer close(block)
+	ctx, cancel := context.WithCancel(context.Background())
+	rc, err := httpSource(t, ts.URL, HTTPOptions{}).Open(ctx, "obj", 0)
+	require.NoError(t, err)
+	defer rc.Close()
+	go func() { time.Sleep(50 * time.Millisecond); cancel() }()
+	_, err = io.ReadAll(rc)
+	require.True(t, errors.Is(err, context.Canceled), "%v", err)
+}
