@@ -145,7 +145,6 @@ type httpReader struct {
 	total int64 // object size, -1 if unknown
 	etag  string
 	body  io.ReadCloser
-	timer *time.Timer
 	tries int
 	err   error
 }
