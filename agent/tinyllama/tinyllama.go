@@ -9,9 +9,9 @@
 // token that is not a NORMAL piece are zero, so greedy decoding never emits EOS or a byte
 // token and generation never stops by itself: always bound it (num_predict; Params does).
 //
-// The output is deterministic: its SHA-256 is SHA256. (The general.name value and the
-// random-draw details of the reference file in the project notes are not specified, so this
-// file is a different but equivalent instance: same size, layout, vocabulary and shapes.)
+// The output is deterministic and byte-identical to the reference tiny-llama.gguf of the
+// project notes (general.name "cai-tiny-llama", NORMAL piece scores -1, -2, …): its SHA-256
+// is SHA256.
 package tinyllama
 
 import (
@@ -24,7 +24,7 @@ import (
 )
 
 // SHA256 is the hex SHA-256 of the GGUF file Write produces.
-const SHA256 = "1b57ebbcd57ebadeab54d296224d420ebc894917bea7cd9b228e820ef6a71c6d"
+const SHA256 = "a0da49360c5de95118149e4f21df967d6e9cbe2375eefca955d339a6a363f930"
 
 // Size is the length of the GGUF file in bytes.
 const Size = 469088
@@ -83,13 +83,13 @@ func Vocabulary() (tokens []string, scores []float32, types []int32) {
 	for c := 'a'; c <= 'z'; c++ {
 		normal = append(normal, string(c), "\u2581"+string(c))
 	}
-	rank := 0
+	rank := 1
 	for _, t := range normal {
 		if seen[t] {
 			continue
 		}
 		seen[t] = true
-		add(t, -float32(rank), typeNormal)
+		add(t, -float32(rank), typeNormal) // rank is 1-based
 		rank++
 	}
 	return tokens, scores, types
@@ -259,7 +259,7 @@ func Write(w io.Writer) error {
 	return e.w.Flush()
 }
 
-const modelName = "cai-tiny"
+const modelName = "cai-tiny-llama"
 
 // Bytes returns the GGUF file.
 func Bytes() ([]byte, error) {

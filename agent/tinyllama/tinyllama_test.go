@@ -54,4 +54,7 @@ func TestVocabulary(t *testing.T) {
 	require.EqualValues(t, typeByte, types[258])
 	require.Equal(t, "\u2581", tokens[259])
 	require.EqualValues(t, typeNormal, types[319])
+	require.Equal(t, float32(-1), scores[259])
+	require.Equal(t, float32(-61), scores[319])
+	require.Zero(t, scores[0])
 }
