@@ -13,6 +13,10 @@
 //	measure-model     OpModel {"manifest_sha256","name"}, before anything is published
 //	publish           atomic renames, then the ready marker (store.Unpack)
 //
+// The model is measured before it is published, so a failure of the publish step itself
+// (e.g. a full tmpfs during the renames) leaves a measurement of a model that is not served;
+// a verifier sees that RTMR3 commits to the model, not that it is serving.
+//
 // On failure nothing of the run is published, the key is wiped, and staged plaintext is
 // removed (store.Unpack's guarantees). A rerun on an identical, published model decrypts
 // nothing but still measures the model, so this boot's RTMR3 always reflects it.
@@ -222,6 +226,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	// 4. Decrypt, measure (before publish), publish.
 	var modelErr error
+	published := false // BeforePublish accepted: later failures are the publish step's
 	var total = man.TotalSize()
 	var done progressCounter
 	opts := store.Options{
@@ -234,6 +239,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 				return err
 			}
 			log.Info("publishing", "out", cfg.Out)
+			published = true
 			return nil
 		},
 	}
@@ -245,8 +251,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r, err := store.Unpack(ctx, m, cfg.Source, cfg.Out, opts)
 	dsecs := time.Since(dstart).Seconds()
 	if err != nil {
-		if modelErr != nil {
+		switch {
+		case modelErr != nil:
 			return nil, &StepError{StepMeasureModel, err}
+		case published:
+			return nil, &StepError{StepPublish, err}
 		}
 		return nil, &StepError{StepDecrypt, err}
 	}
