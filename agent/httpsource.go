@@ -92,6 +92,7 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 		// Ciphertext does not compress; and a transparently decompressed body breaks Range.
 		tr.DisableCompression = true
 		tr.MaxIdleConnsPerHost = 16
+		tr.ReadBufferSize = 256 << 10
 		if o.CAFile != "" {
 			pem, err := os.ReadFile(o.CAFile)
 			if err != nil {
