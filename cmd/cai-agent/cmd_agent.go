@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -117,8 +118,11 @@ func fetchAndDecryptAction(c *cli.Context) error {
 			return usagef("--source-ca-file is for an https:// source")
 		}
 		fi, err := os.Stat(srcArg)
-		if err != nil || !fi.IsDir() {
-			return usagef("--source %s: not a directory or http(s):// URL", srcArg)
+		if err == nil && !fi.IsDir() {
+			err = errors.New("not a directory or http(s):// URL")
+		}
+		if err != nil {
+			return &agent.StepError{Step: agent.StepOpenModel, Err: fmt.Errorf("--source %s: %w", srcArg, err)}
 		}
 		src = modelcrypt.DirSource(srcArg)
 	}
