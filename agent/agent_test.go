@@ -59,6 +59,7 @@ type fakeBroker struct {
 	tee            *fakeTEE
 	measuredBefore int
 	calls          int
+	released       [][]byte // the slices handed out (the agent must wipe them)
 }
 
 func (b *fakeBroker) GetResource(_ context.Context, uri string) ([]byte, error) {
@@ -72,7 +73,9 @@ func (b *fakeBroker) GetResource(_ context.Context, uri string) ([]byte, error) 
 	if uri != testResource {
 		return nil, kbc.ErrNotFound
 	}
-	return bytes.Clone(b.key), nil
+	k := bytes.Clone(b.key)
+	b.released = append(b.released, k)
+	return k, nil
 }
 
 // testModel encrypts a small multi-file, multi-shard model and returns its directory, the
@@ -144,6 +147,8 @@ func TestRunPublishesAndMeasures(t *testing.T) {
 	res, err := Run(context.Background(), cfg)
 	require.NoError(t, err)
 	requirePublished(t, out, plain)
+	require.Len(t, broker.released, 1)
+	require.Equal(t, make([]byte, len(key)), broker.released[0], "the released key was not wiped")
 	require.Equal(t, []string{evidence.OpBinary, evidence.OpModel}, tee.ops())
 	require.Equal(t, 1, broker.measuredBefore, "binaries must be measured before the key is requested")
 	require.Equal(t, 3, res.Files)

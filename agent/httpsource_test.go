@@ -12,6 +12,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -302,4 +303,32 @@ func TestHTTPSourceCancel(t *testing.T) {
 	go func() { time.Sleep(50 * time.Millisecond); cancel() }()
 	_, err = io.ReadAll(rc)
 	require.True(t, errors.Is(err, context.Canceled), "%v", err)
+}
+
+func TestHTTPSourceResumesStalledBody(t *testing.T) {
+	data := bytes.Repeat([]byte("abcdefgh"), 10000)
+	var n atomic.Int32
+	release := make(chan struct{})
+	defer close(release)
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) == 1 {
+			w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+			w.Write(data[:1000])
+			w.(http.Flusher).Flush()
+			select { // stall
+			case <-release:
+			case <-r.Context().Done():
+			}
+			return
+		}
+		http.ServeContent(w, r, "obj", time.Time{}, bytes.NewReader(data))
+	}))
+	defer ts.Close()
+	rc, err := httpSource(t, ts.URL, HTTPOptions{IdleTimeout: 100 * time.Millisecond}).Open(context.Background(), "obj", 0)
+	require.NoError(t, err)
+	defer rc.Close()
+	got, err := io.ReadAll(rc)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(data, got))
+	require.EqualValues(t, 2, n.Load())
 }
