@@ -67,6 +67,10 @@ if [ -z "$OLLAMA" ] || [ ! -x "$OLLAMA" ]; then
   step "no ollama binary (set CAI_OLLAMA_BIN or run 'make ollama'): skipping generation"
   exit 0
 fi
+if ! command -v curl >/dev/null; then
+  step "curl not installed: skipping generation"
+  exit 0
+fi
 step "ollama serve on loopback with OLLAMA_MODELS=$SHM/models"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 11534)
 mkdir -p "$WORK/home"
