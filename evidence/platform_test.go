@@ -14,6 +14,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -593,4 +595,19 @@ func TestWarnsWhenUnreplayable(t *testing.T) {
 	e.k.SetRTMR(3, sha512.Sum384([]byte("someone else")))
 	e.open(t, TEETDX).Close()
 	assert.Contains(t, buf.String(), "RTMR3 does not replay")
+}
+
+// A hostile quote that makes go-tdx-guest's abi panic (the FuzzParseQuote crasher kept in
+// evidence/verify) is an error, not a crash of `eventlog replay --quote`.
+func TestQuoteRTMRsHostileQuote(t *testing.T) {
+	raw, err := os.ReadFile("verify/testdata/fuzz/FuzzParseQuote/149b652469d09bfd")
+	require.NoError(t, err)
+	lines := strings.SplitN(string(raw), "\n", 2)
+	require.Len(t, lines, 2)
+	lit := strings.TrimSpace(lines[1])
+	lit = strings.TrimSuffix(strings.TrimPrefix(lit, "[]byte("), ")")
+	quote, err := strconv.Unquote(lit)
+	require.NoError(t, err)
+	_, err = QuoteRTMRs([]byte(quote))
+	require.Error(t, err)
 }

@@ -98,7 +98,14 @@ type tdBody struct {
 }
 
 // quoteBody extracts the fields this package needs from a v4 or v5 TD quote (go-tdx-guest abi).
-func quoteBody(raw []byte) (*tdBody, error) {
+func quoteBody(raw []byte) (_ *tdBody, err error) {
+	// go-tdx-guest's abi panics on some hostile quotes (index out of range in the
+	// certification data); a quote comes from outside the TD's trust, so that is an error.
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("malformed quote (parser panic: %v)", r)
+		}
+	}()
 	q, err := abi.QuoteToProto(raw)
 	if err != nil {
 		return nil, err

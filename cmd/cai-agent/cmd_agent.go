@@ -28,8 +28,9 @@ func agentCommands() []*cli.Command {
 			Usage: "measure binaries, get the model key from a key broker, stream-decrypt the model into tmpfs, measure and publish it",
 			UsageText: "cai-agent [--tee auto|tdx|sample] fetch-and-decrypt --source DIR|URL --out DIR --kbc trustee|ita|offline\n" +
 				"   [--kbs-url URL] [--resource URI] [--key-file FILE] [--measure-binary PATH]... [--ollama-models DIR] [--json]\n" +
+				"   [--serve [--socket PATH] [--listen ADDR]]\n" +
 				"Every flag can also be set with the environment variable CAI_<FLAG> (e.g. CAI_KBS_URL; lists comma-separated).",
-			Flags:  withEnv(append(fetchFlags(), kbcClientFlags()...)),
+			Flags:  withEnv(append(append(fetchFlags(), kbcClientFlags()...), serveFlags()...)),
 			Action: fetchAndDecryptAction,
 		},
 		{
@@ -60,6 +61,7 @@ func fetchFlags() []cli.Flag {
 		&cli.StringFlag{Name: "source-ca-file", Usage: "trust only the CAs in this PEM `FILE` for an https:// source"},
 		&cli.IntFlag{Name: "source-retries", Usage: "retries (resumed with Range requests) per object transfer; 0: none", Value: 5},
 		&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or periodic progress log"},
+		&cli.BoolFlag{Name: "serve", Usage: "after publishing, keep running as `cai-agent serve` (flags --socket, --listen, --max-queue, --quote-timeout)"},
 	}
 }
 
@@ -137,6 +139,12 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		}
 		out = models
 	}
+	if c.Bool("serve") {
+		// Check the server's flags before the long part, not after it.
+		if _, err := serveConfig(c); err != nil {
+			return err
+		}
+	}
 
 	var p *evidence.Platform
 	p, err := openPlatform(c)
@@ -159,17 +167,25 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		VerifyDigests:   c.Bool("verify-digests"),
 		Workers:         c.Int("workers"),
 	}
+	var pr *progress
 	if !c.Bool("no-progress") {
-		pr := newProgress(c.App.ErrWriter)
-		defer pr.finish()
+		pr = newProgress(c.App.ErrWriter)
 		cfg.Progress = pr.update
 	}
 	res, err := agent.Run(c.Context, cfg)
+	if pr != nil {
+		pr.finish()
+	}
 	if err != nil {
 		return err
 	}
 	if c.Bool("json") {
-		return writeJSON(c.App.Writer, res)
+		if err := writeJSON(c.App.Writer, res); err != nil {
+			return err
+		}
+	}
+	if c.Bool("serve") {
+		return runServe(c, p)
 	}
 	return nil
 }
