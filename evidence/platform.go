@@ -42,8 +42,9 @@ type Options struct {
 	// TEE is TEEAuto, TEETDX or TEESample. The sample TEE is never chosen automatically.
 	TEE string
 	// StateDir holds the agent's event log, its write-ahead record, a lock file and the sample
-	// TEE's state. It is created (0700) if missing. It should be on tmpfs (/run): the log
-	// describes RTMR3 of this boot only.
+	// TEE's state. It is created (0755: nothing in it is secret, and `cai-agent serve` puts
+	// its group-accessible socket there by default) if missing; the files in it are 0600.
+	// It should be on tmpfs (/run): the log describes RTMR3 of this boot only.
 	StateDir string
 	// Root is the filesystem root under which /sys and /dev paths are resolved ("" = "/").
 	Root string
@@ -133,7 +134,7 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 	default:
 		return nil, fmt.Errorf("%w: unknown TEE %q (want auto, tdx or sample)", ErrNoTEE, opts.TEE)
 	}
-	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+	if err := os.MkdirAll(opts.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("evidence: state directory: %w", err)
 	}
 	lf, err := os.OpenFile(filepath.Join(opts.StateDir, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
