@@ -1,18 +1,17 @@
 package main
 
 import (
-	"crypto/sha512"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/cai-agent/cai-agent/agent"
 	"github.com/cai-agent/cai-agent/evidence"
 	"github.com/cai-agent/cai-agent/evidence/eventlog"
 )
@@ -232,34 +231,15 @@ func measureAction(c *cli.Context) error {
 	return nil
 }
 
-// binaryEvent streams SHA-384 over a regular file and returns its OpBinary event.
+// binaryEvent is agent.BinaryEvent (SHA-384 of a regular file) with an event the agent would
+// refuse to log reported as a usage error.
 func binaryEvent(path string) (evidence.Event, error) {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return evidence.Event{}, fmt.Errorf("measure %s: %w", path, err)
-	}
-	f, err := os.Open(abs)
-	if err != nil {
-		return evidence.Event{}, fmt.Errorf("measure: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return evidence.Event{}, fmt.Errorf("measure: %w", err)
-	}
-	if !fi.Mode().IsRegular() {
-		return evidence.Event{}, usagef("measure: %s is not a regular file", abs)
-	}
-	h := sha512.New384()
-	if _, err := io.Copy(h, f); err != nil {
-		return evidence.Event{}, fmt.Errorf("measure: read %s: %w", abs, err)
-	}
-	ev, err := evidence.BinaryEvent(abs, h.Sum(nil))
+	ev, err := agent.BinaryEvent(path)
 	if err != nil {
 		return evidence.Event{}, err
 	}
 	if err := ev.Validate(); err != nil {
-		return evidence.Event{}, usageError{fmt.Errorf("measure %s: %w", abs, err)}
+		return evidence.Event{}, usageError{fmt.Errorf("measure %s: %w", path, err)}
 	}
 	return ev, nil
 }
