@@ -89,12 +89,13 @@ type Options struct {
 type Result struct {
 	Kind string // "files", "ollama" or "ccz"
 	Name string // the Ollama model name, or ""
-	// ManifestSHA256 is, for an Ollama model, the hex SHA-256 of the Ollama manifest file
-	// (the ID `ollama list` shows); otherwise the hex SHA-256 of the cai manifest (for CCZoo
-	// input, of the file list, see UnpackCCZ).
+	// ManifestSHA256 is what the agent measures into RTMR3 (the OpModel event): for an Ollama
+	// model, the hex SHA-256 of the Ollama manifest file (the ID `ollama list` shows);
+	// otherwise the hex SHA-256 of the cai manifest (for CCZoo input, of the file list, see
+	// UnpackCCZ).
 	ManifestSHA256 string
-	// ModelSHA256 is the hex SHA-256 of the cai manifest (what the agent measures); for CCZoo
-	// input, the same as ManifestSHA256.
+	// ModelSHA256 is the hex SHA-256 of the cai manifest (recorded in the ready marker); for
+	// CCZoo input, the same as ManifestSHA256.
 	ModelSHA256      string
 	Files            int   // files decrypted and published by this run
 	Skipped          int   // files already published and identical

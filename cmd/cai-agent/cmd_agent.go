@@ -61,7 +61,7 @@ func fetchFlags() []cli.Flag {
 		&cli.StringFlag{Name: "source-ca-file", Usage: "trust only the CAs in this PEM `FILE` for an https:// source"},
 		&cli.IntFlag{Name: "source-retries", Usage: "retries (resumed with Range requests) per object transfer; 0: none", Value: 5},
 		&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or periodic progress log"},
-		&cli.BoolFlag{Name: "serve", Usage: "after publishing, keep running as `cai-agent serve` (flags --socket, --listen, --max-queue, --quote-timeout)"},
+		&cli.BoolFlag{Name: "serve", Usage: "after publishing, keep running as the evidence server of cai-agent serve (flags --socket, --listen, --max-queue, --quote-timeout)"},
 	}
 }
 

@@ -57,7 +57,7 @@ func cryptoCommands() []*cli.Command {
 		{
 			Name:      "decrypt",
 			Usage:     "decrypt an encrypted model (or CCZoo *.aes input) into a tmpfs directory and publish it atomically",
-			UsageText: "cai-agent decrypt --key-file FILE --in DST --out OUT [--allow-non-tmpfs] [--verify-digests]",
+			UsageText: "cai-agent decrypt (--key-file FILE | --key-env VAR) --in ENCRYPTED --out OUT [--allow-non-tmpfs] [--verify-digests] [--json]",
 			Flags: append(append([]cli.Flag{}, keyFlags...),
 				&cli.StringFlag{Name: "in", Usage: "encrypted model directory, or CCZoo input (a directory with encryption-config.json / *.aes files, or one .aes file)"},
 				&cli.StringFlag{Name: "out", Usage: "output directory on tmpfs/ramfs (created if missing); for an Ollama model, the OLLAMA_MODELS directory"},
@@ -70,7 +70,7 @@ func cryptoCommands() []*cli.Command {
 		{
 			Name:      "inspect",
 			Usage:     "show an encrypted model's public header: version, key hint, kind, files, sizes, SHA-256s, shards and chunk tables (no key needed; unauthenticated)",
-			UsageText: "cai-agent inspect --in DST [--json]",
+			UsageText: "cai-agent inspect --in ENCRYPTED [--json]",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "in", Usage: "encrypted model directory or CCZoo input"},
 				&cli.BoolFlag{Name: "json", Usage: "print JSON"},

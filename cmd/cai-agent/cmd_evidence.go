@@ -107,8 +107,12 @@ func openPlatform(c *cli.Context) (*evidence.Platform, error) {
 }
 
 func noArgs(c *cli.Context) error {
-	if c.Args().Present() {
-		return usagef("%s: unexpected argument %q", c.Command.FullName(), c.Args().First())
+	args, err := positionalArgs(c)
+	if err != nil {
+		return err
+	}
+	if len(args) > 0 {
+		return usagef("%s: unexpected argument %q", c.Command.FullName(), args[0])
 	}
 	return nil
 }
@@ -169,11 +173,15 @@ func writeJSON(w io.Writer, v any) error {
 }
 
 func measureAction(c *cli.Context) error {
+	args, err := positionalArgs(c)
+	if err != nil {
+		return err
+	}
 	files := c.StringSlice("file")
 	if len(files) > 0 {
-		files = append(files, c.Args().Slice()...)
-	} else if err := noArgs(c); err != nil {
-		return err
+		files = append(files, args...)
+	} else if len(args) > 0 {
+		return usagef("%s: unexpected argument %q", c.Command.FullName(), args[0])
 	}
 	single := c.IsSet("domain") || c.IsSet("operation") || c.IsSet("content")
 	var events []evidence.Event

@@ -38,19 +38,20 @@ func verifyCommands() []*cli.Command {
 			Name:  "verify",
 			Usage: "verify a TD quote, or nonce-bound evidence from `cai-agent serve`, offline",
 			UsageText: "cai-agent verify --quote FILE [--at RFC3339] [--policy FILE] [--eventlog FILE] [--collateral] [--json]\n" +
-				"cai-agent verify --evidence FILE --nonce STRING [--at RFC3339] [--policy FILE] [--allow-sample] [--json]",
+				"cai-agent verify --evidence FILE --nonce STRING [--at RFC3339] [--policy FILE] [--collateral] [--allow-sample] [--json]",
 			Description: "--quote: checks the quote's signature, QE report and PCK certificate chain against the Intel SGX\n" +
 				"Root CA at --at (default now), offline; with --eventlog, that the log replays to the quote's RTMRs;\n" +
 				"with --policy, the policy. --evidence (the JSON of GET /v1/evidence, or `evidence --json`; - for\n" +
 				"stdin): the same, plus that REPORTDATA binds --nonce and the cc_eventlog, and that the bundle's\n" +
-				"measurements and model are those of its log. Exit 0 only if everything verifies, 10 otherwise\n" +
-				"(the reason on stderr). Sample TEE evidence is refused unless --allow-sample.",
+				"measurements and model are those of its log. Exit 0 only if everything verifies; 10 when the\n" +
+				"evidence fails verification (the reason on stderr); 2 for a bad policy or usage; 1 when an input\n" +
+				"cannot be read. Sample TEE evidence is refused unless --allow-sample.",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "quote", Usage: "TD quote `FILE` (raw, hex or base64)"},
 				&cli.StringFlag{Name: "evidence", Usage: "evidence bundle JSON `FILE` (- for stdin)"},
 				&cli.StringFlag{Name: "nonce", Usage: "the nonce the evidence must be bound to (with --evidence)"},
 				&cli.StringFlag{Name: "eventlog", Usage: "event log `FILE` (CCEL / cc_eventlog) to replay against the quote (with --quote)"},
-				&cli.StringFlag{Name: "policy", Usage: "policy JSON `FILE`"},
+				&cli.StringFlag{Name: "policy", Usage: "policy `FILE`, JSON or YAML (.yaml/.yml)"},
 				&cli.StringFlag{Name: "at", Usage: "verification time, RFC 3339 (default: now)"},
 				&cli.BoolFlag{Name: "collateral", Usage: "also check TCB status and revocation with Intel PCS collateral (ONLINE)"},
 				&cli.BoolFlag{Name: "allow-sample", Usage: "accept UNSIGNED sample TEE evidence (development only)"},
@@ -100,10 +101,14 @@ func readVerifyInput(c *cli.Context, path, what string) ([]byte, error) {
 }
 
 func quoteInspectAction(c *cli.Context) error {
-	if c.NArg() != 1 {
+	args, err := positionalArgs(c)
+	if err != nil {
+		return err
+	}
+	if len(args) != 1 {
 		return usagef("quote inspect: give exactly one quote FILE")
 	}
-	path := c.Args().First()
+	path := args[0]
 	b, err := readVerifyInput(c, path, "quote")
 	if err != nil {
 		return err

@@ -76,6 +76,11 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
 			},
 		},
 		Before: func(c *cli.Context) error {
+			switch tee := c.String("tee"); tee {
+			case "auto", "tdx", "sample":
+			default:
+				return usagef("--tee %q: want auto, tdx or sample", tee)
+			}
 			return setupLogging(c, stderr)
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {

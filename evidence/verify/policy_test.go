@@ -9,6 +9,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/cai-agent/cai-agent/agent/ollama"
+
 	"github.com/cai-agent/cai-agent/evidence"
 )
 
@@ -202,7 +204,12 @@ func TestParsePolicy(t *testing.T) {
 func TestOllamaExamplePolicy(t *testing.T) {
 	p, err := LoadPolicy("testdata/policy-ollama.json")
 	require.NoError(t, err)
-	assert.NotNil(t, p.Model)
+	require.NotNil(t, p.Model)
+	// Names are compared exactly, and the agent measures an Ollama model under its full name
+	// (what ollama.ParseName gives), so the example must use that form.
+	n, err := ollama.ParseName(p.Model.Name)
+	require.NoError(t, err)
+	assert.Equal(t, n.String(), p.Model.Name, "the example's model name is the full Ollama name")
 	assert.NotEmpty(t, p.AllowedBinaries)
 	assert.NotEmpty(t, p.MRTD)
 	y, err := LoadPolicy("testdata/policy-ollama.yaml")

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"flag"
+	"io"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+)
+
+// positionalArgs returns the positional arguments of c, applying to c any flags that follow
+// them: urfave/cli stops parsing flags at the first positional argument, but the documented
+// forms put flags after it (`quote inspect FILE --json`, `measure --file A B --json`).
+// Everything after "--" is positional.
+func positionalArgs(c *cli.Context) ([]string, error) {
+	var pos []string
+	rest := c.Args().Slice()
+	for len(rest) > 0 {
+		a := rest[0]
+		if a == "--" {
+			pos = append(pos, rest[1:]...)
+			break
+		}
+		if a == "-" || !strings.HasPrefix(a, "-") {
+			pos = append(pos, a)
+			rest = rest[1:]
+			continue
+		}
+		fs := flag.NewFlagSet(c.Command.FullName(), flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		for _, f := range c.Command.Flags {
+			if err := f.Apply(fs); err != nil {
+				return nil, err
+			}
+		}
+		if err := fs.Parse(rest); err != nil {
+			return nil, usagef("%s: %v", c.Command.FullName(), err)
+		}
+		var setErr error
+		fs.Visit(func(f *flag.Flag) {
+			vals := []string{f.Value.String()}
+			if s, ok := f.Value.(interface{ Value() []string }); ok {
+				vals = s.Value()
+			}
+			for _, v := range vals {
+				if err := c.Set(f.Name, v); err != nil && setErr == nil {
+					setErr = usagef("%s: --%s: %v", c.Command.FullName(), f.Name, err)
+				}
+			}
+		})
+		if setErr != nil {
+			return nil, setErr
+		}
+		rest = fs.Args()
+	}
+	return pos, nil
+}
