@@ -19,7 +19,8 @@
 // The format binds neither the file name nor the file set to the key (no AAD): a host can
 // rename or drop files without detection, and a wrong key cannot be told apart from tampering
 // (both are ErrAuth). Whole-file GCM cannot be streamed or verified before the whole message
-// was read, so every message is held in memory; MaxMessageSize bounds that memory.
+// was read, so every message is held in memory; data_len is bounded (DefaultMaxDataLen, or
+// the caller's maxDataLen), which bounds that memory.
 package ccz
 
 import (
