@@ -174,7 +174,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			return err
 		}
 		res.Measurements = append(res.Measurements, Measurement{Operation: ev.Operation, Content: ev.Content, Digest: hex.EncodeToString(d)})
-		log.Info("measured into RTMR3", "operation", ev.Operation, "content", ev.Content)
+		log.Debug("measured into RTMR3", "operation", ev.Operation, "content", ev.Content) // evidence.Platform logs it at info
 		return nil
 	}
 

@@ -106,7 +106,7 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 		if err := p.step("clear"); err != nil {
 			return err
 		}
-		slog.Info("measured into RTMR3", "tee", p.tee, "domain", ev.Domain, "operation", ev.Operation,
+		slog.Info("measured into RTMR3", "tee", p.tee, "domain", ev.Domain, "operation", ev.Operation, "content", ev.Content,
 			"digest", hex.EncodeToString(d[:]), "rtmr3", w.New, "via", p.regs.Interface())
 		return nil
 	})
