@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -29,7 +31,7 @@ func Main() int {
 // documented exit codes (see exitcodes.go and the README).
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	app := newApp(stdin, stdout, stderr)
-	err := app.RunContext(ctx, args)
+	err := app.RunContext(ctx, nestedHelp(app, args))
 	if err == nil {
 		return ExitOK
 	}
@@ -39,6 +41,30 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	fmt.Fprintf(stderr, "cai-agent: %v\n", err)
 	return exitCode(err)
+}
+
+// nestedHelp rewrites `help CMD SUB…` (which urfave/cli answers with CMD's help) into
+// `CMD SUB… --help`, after any global flags.
+func nestedHelp(app *cli.App, args []string) []string {
+	i := 1
+	for i < len(args) && strings.HasPrefix(args[i], "-") {
+		name := strings.TrimLeft(args[i], "-")
+		i++
+		if strings.Contains(name, "=") {
+			continue
+		}
+		for _, f := range app.Flags {
+			if _, isBool := f.(*cli.BoolFlag); !isBool && slices.Contains(f.Names(), name) {
+				i++ // the flag's value
+				break
+			}
+		}
+	}
+	if len(args)-i < 3 || args[i] != "help" {
+		return args // not `help CMD SUB…`
+	}
+	out := append(slices.Clone(args[:i]), args[i+1:]...)
+	return append(out, "--help")
 }
 
 func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
