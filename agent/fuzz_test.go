@@ -1,7 +1,11 @@
 package agent
 
 import (
+	"bytes"
+	"encoding/base64"
+	"errors"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -41,4 +45,36 @@ func TestParseContentRange(t *testing.T) {
 			t.Errorf("%q: got %d %d %v", s, start, total, ok)
 		}
 	}
+}
+
+// ParseKey sees a secret from a key broker: it accepts exactly the two documented forms and
+// its error never carries the secret (nor its base64 body).
+func FuzzParseKey(f *testing.F) {
+	key := bytes.Repeat([]byte{0x5a}, 32)
+	f.Add(key)
+	f.Add([]byte(base64.StdEncoding.EncodeToString(key) + "\n"))
+	f.Add([]byte(" \t" + base64.StdEncoding.EncodeToString(key[:31])))
+	f.Add([]byte("not a key at all, but long enough to be recognised"))
+	f.Fuzz(func(t *testing.T, secret []byte) {
+		k, err := ParseKey(secret)
+		if err != nil {
+			if !errors.Is(err, ErrKey) {
+				t.Fatalf("error %v is not ErrKey", err)
+			}
+			if trimmed := bytes.TrimSpace(secret); len(trimmed) >= 4 && strings.Contains(err.Error(), string(trimmed)) {
+				t.Fatalf("error %q contains the secret", err)
+			}
+			return
+		}
+		if len(k) != 32 {
+			t.Fatalf("key of %d bytes", len(k))
+		}
+		if len(secret) != 32 {
+			if d, err := base64.StdEncoding.DecodeString(string(bytes.TrimSpace(secret))); err != nil || !bytes.Equal(d, k) {
+				t.Fatalf("accepted %q as a key it does not encode", secret)
+			}
+		} else if !bytes.Equal(secret, k) {
+			t.Fatal("a 32-byte secret is not taken as the raw key")
+		}
+	})
 }
