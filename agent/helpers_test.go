@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -14,7 +15,11 @@ func TestMain(m *testing.M) {
 	if os.Getenv("CAI_TEST_LOG") == "" {
 		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if benchModel.dir != "" { // the benchmarks' encrypted model (1 GiB by default)
+		os.RemoveAll(filepath.Dir(benchModel.dir))
+	}
+	os.Exit(code)
 }
 
 func base64Std(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
