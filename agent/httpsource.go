@@ -109,10 +109,6 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 	return s, nil
 }
 
-// ReadAhead implements modelcrypt.ReadAheadSource: transfers wait on the network, so the
-// decryptor reads every object a few chunks ahead of decryption.
-func (s *HTTPSource) ReadAhead() bool { return true }
-
 // URL returns the URL of object name.
 func (s *HTTPSource) URL(name string) (string, error) {
 	if err := modelcrypt.ValidPath(name); err != nil {

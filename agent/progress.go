@@ -17,12 +17,6 @@ func (p *progressCounter) add(n int64) int64 { return p.n.Add(n) }
 // errSource wraps a Source so that its failures (other than io.EOF) match ErrSource.
 type errSource struct{ modelcrypt.Source }
 
-// ReadAhead forwards the wrapped source's modelcrypt.ReadAheadSource answer.
-func (s errSource) ReadAhead() bool {
-	ra, ok := s.Source.(modelcrypt.ReadAheadSource)
-	return ok && ra.ReadAhead()
-}
-
 func (s errSource) Open(ctx context.Context, name string, off int64) (io.ReadCloser, error) {
 	rc, err := s.Source.Open(ctx, name, off)
 	if err != nil {

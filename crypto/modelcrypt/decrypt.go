@@ -403,8 +403,6 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	ras, ok := src.(ReadAheadSource)
-	readAhead := ok && ras.ReadAhead()
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
@@ -434,7 +432,8 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 	tasks := make(chan task)
 	worker := func() {
 		defer wg.Done()
-		var ring, pool chunkPool
+		var buf []byte
+		var pool chunkPool
 		var hp, hpInline, hpPipe *pipeHasher
 		defer func() {
 			for _, p := range []*pipeHasher{hpInline, hpPipe} {
@@ -451,31 +450,31 @@ func (m *Model) Decrypt(ctx context.Context, src Source, sink Sink, opts Decrypt
 			if t.hash {
 				if t.pipe {
 					if hpPipe == nil {
-						hpPipe = newPipeHasher(m.man.ChunkSize+tagSize, false, readAhead)
+						hpPipe = newPipeHasher(m.man.ChunkSize+tagSize, false)
 					}
 					hp = hpPipe
 				} else {
 					if hpInline == nil {
-						hpInline = newPipeHasher(m.man.ChunkSize+tagSize, true, readAhead)
+						hpInline = newPipeHasher(m.man.ChunkSize+tagSize, true)
 					}
 					hp = hpInline
 				}
 				hp.reset()
-			} else if ring == nil && !t.pipe {
-				ring = newChunkPool(readAheadBuffers(readAhead), m.man.ChunkSize+tagSize)
+			} else if buf == nil && !t.pipe {
+				buf = make([]byte, m.man.ChunkSize+tagSize)
 			}
 			var err error
 			for _, j := range t.shards {
 				switch {
 				case t.hash:
-					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, hp, nil, readAhead, opts, &bytesOut)
+					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, hp, nil, opts, &bytesOut)
 				case t.pipe:
 					if pool == nil {
 						pool = newChunkPool(workers+2, m.man.ChunkSize+tagSize)
 					}
 					err = m.decryptShardParallel(ctx, src, t.of.idx, j, t.of.f, pool, workers, opts, &bytesOut)
 				default:
-					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, nil, ring, readAhead, opts, &bytesOut)
+					err = m.decryptShard(ctx, src, t.of.idx, j, t.of.f, nil, buf, opts, &bytesOut)
 				}
 				if err != nil {
 					break
@@ -573,183 +572,43 @@ dispatch:
 	return &stats, nil
 }
 
-// decryptShard decrypts shard j of file fi into out, reading chunks into buffers from a
-// small ring — hp's ring with hp set, otherwise ring. With readAhead the object is read on
-// its own goroutine (readAhead), so waiting for the network for chunk i+1 overlaps with
-// authenticating, decrypting and writing chunk i; without it every chunk is read, decrypted
-// and written on this goroutine, which keeps the buffer in this core's cache (faster for
-// page-cache reads). With hp set every chunk is hashed (in order) by hp after it was
-// written; hp returns its buffer to the ring.
-func (m *Model) decryptShard(ctx context.Context, src Source, fi, j int, out File, hp *pipeHasher, ring chan []byte,
-	readAhead bool, opts DecryptOptions, written *atomic.Int64) error {
-	// The stream's own context lets an early return abort a read in progress (e.g. a
-	// stalled HTTP body) instead of waiting for it.
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	s, err := m.newShardStream(sctx, src, fi, j, nil, opts.Retries)
+// decryptShard decrypts shard j of file fi into out. With hp set, every chunk is read into
+// a buffer from hp's ring and hashed (in order) by hp after it was written.
+func (m *Model) decryptShard(ctx context.Context, src Source, fi, j int, out File, hp *pipeHasher, buf []byte,
+	opts DecryptOptions, written *atomic.Int64) error {
+	s, err := m.newShardStream(ctx, src, fi, j, buf, opts.Retries)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	free := ring
-	if hp != nil {
-		free = hp.free
-	}
-	next := func() readChunk { return s.readNext(free) }
-	if readAhead {
-		chunks, stop := s.readAhead(free)
-		defer func() { cancel(); stop() }()
-		next = func() readChunk {
-			if c, ok := <-chunks; ok {
-				return c
-			}
-			return readChunk{err: errors.New("modelcrypt: internal error: read-ahead ended without a result")}
-		}
-	}
 	for {
-		c := next()
-		if c.err == io.EOF {
-			return nil
+		b := buf
+		if hp != nil {
+			b = hp.get()
 		}
-		if c.err != nil {
-			return c.err
-		}
-		pt, err := s.open(s.aead, c.i, c.buf, &s.nonce)
-		off := s.shard.Offset + c.i*int64(s.chunk)
+		pt, off, err := s.nextChunkInto(b)
 		if err == nil {
-			if _, err = out.WriteAt(pt, off); err != nil {
+			_, err = out.WriteAt(pt, off)
+			if err != nil {
 				err = fmt.Errorf("modelcrypt: write %q at %d: %w", s.file.Path, off, err)
 			}
 		}
-		if err != nil {
-			free <- c.buf[:cap(c.buf)]
-			return err
-		}
 		if hp != nil {
-			hp.hash(pt)
-		} else {
-			free <- c.buf[:cap(c.buf)]
+			if err == nil {
+				hp.hash(pt)
+			} else {
+				hp.put(b)
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
 		}
 		written.Add(int64(len(pt)))
 		if opts.Progress != nil {
 			opts.Progress(int64(len(pt)))
 		}
-	}
-}
-
-// readNext reads the next chunk into a buffer from free (see readChunk), on this goroutine.
-func (s *shardStream) readNext(free chan []byte) readChunk {
-	i := s.next
-	if i >= s.shard.Chunks {
-		s.next++
-		if i > s.shard.Chunks {
-			return readChunk{err: io.EOF}
-		}
-		if err := s.checkEnd(); err != nil {
-			return readChunk{err: err}
-		}
-		return readChunk{err: io.EOF}
-	}
-	if err := s.ctx.Err(); err != nil {
-		return readChunk{err: context.Cause(s.ctx)}
-	}
-	b := <-free
-	enc := b[:s.shard.chunkPlainSize(i, s.chunk)+tagSize]
-	if err := s.read(i, enc); err != nil {
-		free <- b
-		return readChunk{err: err}
-	}
-	s.next++
-	return readChunk{buf: enc, i: i}
-}
-
-// readAheadBuffers is the ring size of a worker without hashing: with read-ahead one chunk
-// being read, one being decrypted and written, one ready; without, one.
-func readAheadBuffers(readAhead bool) int {
-	if readAhead {
-		return 3
-	}
-	return 1
-}
-
-// ReadAheadSource is an optional interface of a Source. ReadAhead reports whether reads
-// may wait on something other than this machine's CPU (a network): Decrypt then reads every
-// object on its own goroutine, a few chunks ahead of decryption, so transfers and
-// decryption overlap. Local files are best read and decrypted on one goroutine (the chunk
-// stays in that core's cache).
-type ReadAheadSource interface {
-	Source
-	ReadAhead() bool
-}
-
-// readChunk is one chunk read by readAhead: ciphertext ‖ tag of chunk i in buf (a prefix of
-// a ring buffer, now owned by the receiver), or err (io.EOF after the final chunk was read
-// and the object was seen to end there).
-type readChunk struct {
-	buf []byte
-	i   int64
-	err error
-}
-
-// readAhead reads the shard's chunks in order on a new goroutine, each into a buffer taken
-// from free, and sends them on the returned channel, ending with an error or io.EOF (then
-// the channel is closed). Nothing is authenticated here. stop must be called once the
-// receiver is done (also early, on error): it makes the reader exit, returns every buffer
-// the reader still holds or had sent but not received to free, and waits for the reader,
-// so s.rc is no longer in use. The reader never holds more than one buffer, and the
-// channel holds at most cap(free)-1, so the ring bounds memory.
-func (s *shardStream) readAhead(free chan []byte) (<-chan readChunk, func()) {
-	ch := make(chan readChunk, max(1, cap(free)-1))
-	quit := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		defer close(ch)
-		send := func(c readChunk) bool {
-			select {
-			case ch <- c:
-				return true
-			case <-quit:
-				if c.buf != nil {
-					free <- c.buf[:cap(c.buf)]
-				}
-				return false
-			}
-		}
-		for i := int64(0); i < s.shard.Chunks; i++ {
-			if err := s.ctx.Err(); err != nil {
-				send(readChunk{err: context.Cause(s.ctx)})
-				return
-			}
-			var b []byte
-			select {
-			case b = <-free:
-			case <-quit:
-				return
-			}
-			enc := b[:s.shard.chunkPlainSize(i, s.chunk)+tagSize]
-			if err := s.read(i, enc); err != nil {
-				free <- b
-				send(readChunk{err: err})
-				return
-			}
-			if !send(readChunk{buf: enc, i: i}) {
-				return
-			}
-		}
-		err := s.checkEnd()
-		if err == nil {
-			err = io.EOF
-		}
-		send(readChunk{err: err})
-	}()
-	return ch, func() {
-		close(quit)
-		for c := range ch {
-			if c.buf != nil {
-				free <- c.buf[:cap(c.buf)]
-			}
-		}
-		<-done
 	}
 }

@@ -175,12 +175,12 @@ func Encrypt(ctx context.Context, key []byte, files []InputFile, dst string, opt
 				var hp *pipeHasher
 				if j.pipe {
 					if hpPipe == nil {
-						hpPipe = newPipeHasher(man.ChunkSize, false, false)
+						hpPipe = newPipeHasher(man.ChunkSize, false)
 					}
 					hp = hpPipe
 				} else {
 					if hpInline == nil {
-						hpInline = newPipeHasher(man.ChunkSize, true, false)
+						hpInline = newPipeHasher(man.ChunkSize, true)
 					}
 					hp = hpInline
 				}

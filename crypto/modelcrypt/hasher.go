@@ -10,8 +10,8 @@ import (
 // writing on another core. Buffers come from a small fixed ring (constant memory): take one
 // with get, fill it, pass a prefix to hash; the hasher returns it to the ring when done.
 //
-// With inline set it hashes synchronously in hash (no goroutine): used when there is only
-// one worker, and by benchmarks to compare.
+// With inline set it hashes synchronously in hash (one buffer, no goroutine): used when
+// there is only one worker, and by benchmarks to compare.
 type pipeHasher struct {
 	h      hash.Hash
 	n      int // ring size
@@ -29,12 +29,9 @@ var pipelining = true
 // pipeRingBytes bounds the memory of one ring: 4 buffers, fewer for big chunks (min 2).
 const pipeRingBytes = 8 << 20
 
-// newPipeHasher returns a hasher with a ring of buffers of bufSize bytes: 2 to 4 (within
-// pipeRingBytes), or 1 for an inline hasher unless readAhead is set (the decryptor reads
-// the next chunks into the ring while the current one is decrypted and hashed).
-func newPipeHasher(bufSize int, inline, readAhead bool) *pipeHasher {
+func newPipeHasher(bufSize int, inline bool) *pipeHasher {
 	n := max(2, min(4, pipeRingBytes/bufSize))
-	if inline && !readAhead {
+	if inline {
 		n = 1
 	}
 	p := &pipeHasher{h: sha256.New(), n: n, inline: inline, work: make(chan []byte, n),
