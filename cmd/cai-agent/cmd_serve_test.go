@@ -55,15 +55,7 @@ func TestServeCommand(t *testing.T) {
 	resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
 
-	resp, err = client.Get("http://agent" + serve.PathEvidence + "?nonce=cli-test")
-	require.NoError(t, err)
-	body, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var b evidence.Bundle
-	require.NoError(t, json.Unmarshal(body, &b))
-	res, err := verify.VerifyEvidence(ctx, &b, "cli-test", nil, verify.Options{AllowSample: true})
-	require.NoError(t, err)
+	body, _, res := getVerifiedEvidence(t, client, "cli-test")
 	require.Len(t, res.Measurements, 1)
 	assert.Equal(t, `{"a":2,"z":1}`, res.Measurements[0].Content)
 
@@ -108,6 +100,22 @@ func waitForSocket(t *testing.T, sock string, code <-chan int, stderr *serveLogB
 	}
 }
 
+// getVerifiedEvidence gets GET /v1/evidence for nonce and verifies it (sample TEE allowed):
+// the body, the bundle and the verification result.
+func getVerifiedEvidence(t *testing.T, client *http.Client, nonce string) ([]byte, *evidence.Bundle, *verify.Result) {
+	t.Helper()
+	resp, err := client.Get("http://agent" + serve.PathEvidence + "?nonce=" + nonce)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
+	var b evidence.Bundle
+	require.NoError(t, json.Unmarshal(body, &b))
+	res, err := verify.VerifyEvidence(context.Background(), &b, nonce, nil, verify.Options{AllowSample: true})
+	require.NoError(t, err)
+	return body, &b, res
+}
+
 func unixClient(sock string) *http.Client {
 	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
@@ -146,15 +154,7 @@ func TestFetchAndDecryptServe(t *testing.T) {
 	waitForSocket(t, sock, code, &stderr)
 	assert.FileExists(t, in("models/manifests/registry.ollama.ai/library/cai-tiny/latest"), "published before serving")
 
-	resp, err := unixClient(sock).Get("http://agent" + serve.PathEvidence + "?nonce=chat-42")
-	require.NoError(t, err)
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	var b evidence.Bundle
-	require.NoError(t, json.Unmarshal(body, &b))
-	res, err := verify.VerifyEvidence(ctx, &b, "chat-42", nil, verify.Options{AllowSample: true})
-	require.NoError(t, err)
+	_, b, res := getVerifiedEvidence(t, unixClient(sock), "chat-42")
 	var ops []string
 	for _, m := range res.Measurements {
 		ops = append(ops, m.Operation)
