@@ -35,11 +35,17 @@ type HTTPOptions struct {
 	Retries int
 	// Backoff is the first retry's delay, doubled each time up to 8 s; 0 = 250 ms.
 	Backoff time.Duration
+	// Header is sent with every request, e.g. "Authorization: Bearer …" for a private model
+	// hub or bucket. Go's client drops Authorization and Cookie on a redirect to another host
+	// (a hub's CDN), so the credential reaches only the host of the base URL. Header values
+	// are never logged nor put in errors.
+	Header http.Header
 }
 
 // HTTPSource is a modelcrypt.Source reading an encrypted model's objects from an http(s)
 // base URL (object storage, a static file server, a model hub): object NAME is
-// GET BASE/NAME. Nothing is written to disk; the decryptor authenticates every byte, so
+// GET BASE/NAME; a query string in BASE (an Azure SAS token, say) is sent with every object,
+// and is never logged nor put in errors. Nothing is written to disk; the decryptor authenticates every byte, so
 // the server and the network are untrusted (plain http:// exposes only ciphertext and the
 // public header).
 //
@@ -50,6 +56,7 @@ type HTTPOptions struct {
 // different objects. Failures wrap ErrSource.
 type HTTPSource struct {
 	base    *url.URL
+	header  http.Header
 	client  *http.Client
 	retries int
 	backoff time.Duration
@@ -63,14 +70,14 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("%w: source URL %q: want http(s)://host/path", ErrConfig, redactQuery(base))
 	}
-	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("%w: source URL %q: no query or fragment allowed", ErrConfig, redactQuery(base))
+	if u.Fragment != "" {
+		return nil, fmt.Errorf("%w: source URL %q: no fragment allowed", ErrConfig, redactQuery(base))
 	}
 	if !strings.HasSuffix(u.Path, "/") {
 		u.Path += "/"
 		u.RawPath = ""
 	}
-	s := &HTTPSource{base: u, client: o.Client, retries: o.Retries, backoff: o.Backoff, idle: o.IdleTimeout}
+	s := &HTTPSource{base: u, header: o.Header.Clone(), client: o.Client, retries: o.Retries, backoff: o.Backoff, idle: o.IdleTimeout}
 	if s.retries == 0 {
 		s.retries = 5
 	} else if s.retries < 0 {
@@ -109,7 +116,7 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 	return s, nil
 }
 
-// URL returns the URL of object name.
+// URL returns the URL of object name (with the base URL's query, if any).
 func (s *HTTPSource) URL(name string) (string, error) {
 	if err := modelcrypt.ValidPath(name); err != nil {
 		return "", fmt.Errorf("%w: object name %q: %v", ErrSource, name, err)
@@ -189,6 +196,9 @@ func (r *httpReader) request(first bool) error {
 		cancel()
 		return fmt.Errorf("%w: %s: %v", ErrSource, r.name, err)
 	}
+	for k, vs := range r.s.header {
+		req.Header[k] = vs
+	}
 	req.Header.Set("Accept-Encoding", "identity")
 	if r.pos > 0 {
 		req.Header.Set("Range", "bytes="+strconv.FormatInt(r.pos, 10)+"-")
@@ -202,12 +212,16 @@ func (r *httpReader) request(first bool) error {
 		if r.ctx.Err() != nil {
 			return fmt.Errorf("%w: %s: %w", ErrSource, r.name, r.ctx.Err())
 		}
-		return retryable{fmt.Errorf("%w: GET %s: %v", ErrSource, redact(r.url), err)}
+		var ue *url.Error // its text repeats the URL, query included
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return retryable{fmt.Errorf("%w: GET %s: %v", ErrSource, redactQuery(r.url), err)}
 	}
 	fail := func(retry bool, format string, a ...any) error {
 		resp.Body.Close()
 		cancel()
-		e := fmt.Errorf("%w: GET %s: %s", ErrSource, redact(r.url), fmt.Sprintf(format, a...))
+		e := fmt.Errorf("%w: GET %s: %s", ErrSource, redactQuery(r.url), fmt.Sprintf(format, a...))
 		if retry {
 			return retryable{e}
 		}
@@ -354,15 +368,6 @@ func parseContentRange(v string) (start, total int64, ok bool) {
 
 // redact drops userinfo from a URL for messages (pre-signed query strings are refused by
 // NewHTTPSource, so there is no query to drop).
-func redact(u string) string {
-	p, err := url.Parse(u)
-	if err != nil {
-		return "<url>"
-	}
-	p.User = nil
-	return p.String()
-}
-
 // redactQuery drops everything from the first '?' or '#' (it may hold a signature) and any
 // userinfo.
 func redactQuery(s string) string {

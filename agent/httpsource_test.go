@@ -222,11 +222,72 @@ func TestHTTPSourceStatus(t *testing.T) {
 
 	_, err = httpSource(t, ts.URL, HTTPOptions{}).Open(context.Background(), "../etc/passwd", 0)
 	require.ErrorIs(t, err, ErrSource)
-	for _, bad := range []string{"ftp://x/", "http://", "https://h/p?sig=secret", "/local"} {
+	for _, bad := range []string{"ftp://x/", "http://", "https://h/p?sig=secret#frag", "/local"} {
 		_, err := NewHTTPSource(bad, HTTPOptions{})
 		require.ErrorIs(t, err, ErrConfig, bad)
 		require.NotContains(t, err.Error(), "sig=secret")
 	}
+}
+
+// Private storage: the base URL's query (a SAS token) goes with every object and the extra
+// headers (a bearer token) with every request, including resumed ones; neither appears in
+// errors; and a redirect to another host (a hub's CDN) does not carry the Authorization.
+func TestHTTPSourceCredentials(t *testing.T) {
+	dir, key, plain := testModel(t, 300<<10)
+	var mu sync.Mutex
+	var seen []string
+	cdn := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, "cdn "+r.Header.Get("Authorization"))
+		mu.Unlock()
+		http.ServeFile(w, r, filepath.Join(dir, path.Base(r.URL.Path)))
+	}))
+	defer cdn.Close()
+	objects := &objectServer{dir: dir, cutAfter: 50 << 10, cuts: 1}
+	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, "origin "+r.Header.Get("Authorization")+" "+r.URL.RawQuery)
+		mu.Unlock()
+		if r.URL.Query().Get("sig") != "s3cr3t" || r.Header.Get("Authorization") != "Bearer tok3n" {
+			http.Error(w, "denied", http.StatusForbidden)
+			return
+		}
+		if strings.HasSuffix(r.URL.Path, "model.cai") {
+			// Another host name (the same loopback server): like a hub's CDN.
+			http.Redirect(w, r, strings.Replace(cdn.URL, "127.0.0.1", "localhost", 1)+"/cdn/model.cai", http.StatusFound)
+			return
+		}
+		objects.ServeHTTP(w, r)
+	}))
+	defer origin.Close()
+
+	hdr := http.Header{"Authorization": {"Bearer tok3n"}}
+	out := t.TempDir()
+	_, err := Run(context.Background(), Config{Source: httpSource(t, origin.URL+"/m/?sv=1&sig=s3cr3t", HTTPOptions{Header: hdr}),
+		Out: out, Evidence: &fakeTEE{}, Broker: &fakeBroker{key: key}, AllowNonTmpfs: true})
+	require.NoError(t, err)
+	requirePublished(t, out, plain)
+	require.NotEmpty(t, objects.ranges, "a cut transfer was resumed")
+	require.Contains(t, seen, "cdn ", "the header object came through the redirect")
+	for _, s := range seen {
+		if strings.HasPrefix(s, "origin ") {
+			require.Equal(t, "origin Bearer tok3n sv=1&sig=s3cr3t", s)
+		} else {
+			require.Equal(t, "cdn ", s, "the credential does not follow a redirect to another host")
+		}
+	}
+
+	// Refused without the token; the error names the object but not the signature.
+	_, err = httpSource(t, origin.URL+"/m?sig=s3cr3t", HTTPOptions{}).Open(context.Background(), "model.cai", 0)
+	require.ErrorIs(t, err, ErrSource)
+	require.Contains(t, err.Error(), "403")
+	require.NotContains(t, err.Error(), "s3cr3t")
+	// Nor when the server is unreachable (net/http's own error repeats the URL).
+	gone := httptest.NewServer(http.NotFoundHandler())
+	gone.Close()
+	_, err = httpSource(t, gone.URL+"/m?sig=s3cr3t", HTTPOptions{Retries: -1}).Open(context.Background(), "model.cai", 0)
+	require.ErrorIs(t, err, ErrSource)
+	require.NotContains(t, err.Error(), "s3cr3t")
 }
 
 func TestHTTPSourceUnreachableAndTampered(t *testing.T) {

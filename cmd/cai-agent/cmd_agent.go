@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -59,6 +60,7 @@ func fetchFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "verify-digests", Usage: "also re-hash every file's plaintext (SHA-256) against the manifest"},
 		&cli.IntFlag{Name: "workers", Usage: "shards decrypted in parallel (0: number of CPUs)"},
 		&cli.StringFlag{Name: "source-ca-file", Usage: "trust only the CAs in this PEM `FILE` for an https:// source"},
+		&cli.StringFlag{Name: "source-token-file", Usage: "send the token in `FILE` as \"Authorization: Bearer\" to an http(s):// source (a private hub or bucket)"},
 		&cli.IntFlag{Name: "source-retries", Usage: "retries (resumed with Range requests) per object transfer; 0: none", Value: 5},
 		&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or periodic progress log"},
 		&cli.BoolFlag{Name: "serve", Usage: "after publishing, keep running as the evidence server of cai-agent serve (flags --socket, --listen, --max-queue, --quote-timeout)"},
@@ -110,7 +112,11 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		if retries <= 0 {
 			retries = -1
 		}
-		hs, err := agent.NewHTTPSource(srcArg, agent.HTTPOptions{CAFile: c.String("source-ca-file"), Retries: retries})
+		hdr, err := sourceHeader(c.String("source-token-file"))
+		if err != nil {
+			return err
+		}
+		hs, err := agent.NewHTTPSource(srcArg, agent.HTTPOptions{CAFile: c.String("source-ca-file"), Retries: retries, Header: hdr})
 		if err != nil {
 			return usageError{err}
 		}
@@ -118,6 +124,9 @@ func fetchAndDecryptAction(c *cli.Context) error {
 	} else {
 		if c.IsSet("source-ca-file") {
 			return usagef("--source-ca-file is for an https:// source")
+		}
+		if c.IsSet("source-token-file") {
+			return usagef("--source-token-file is for an http(s):// source")
 		}
 		fi, err := os.Stat(srcArg)
 		if err == nil && !fi.IsDir() {
@@ -188,6 +197,29 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		return runServe(c, p)
 	}
 	return nil
+}
+
+// sourceHeader returns the request header carrying the bearer token in tokenFile ("" for
+// none). Errors name the file, never its content.
+func sourceHeader(tokenFile string) (http.Header, error) {
+	if tokenFile == "" {
+		return nil, nil
+	}
+	f, err := os.Open(tokenFile)
+	if err != nil {
+		return nil, usagef("--source-token-file: %v", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 64<<10+1))
+	if err != nil {
+		return nil, usagef("--source-token-file: %v", err)
+	}
+	defer clear(b)
+	tok := strings.TrimSpace(string(b))
+	if len(b) > 64<<10 || tok == "" || strings.ContainsFunc(tok, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+		return nil, usagef("--source-token-file %s: want one token of printable ASCII (at most 64 KiB)", tokenFile)
+	}
+	return http.Header{"Authorization": {"Bearer " + tok}}, nil
 }
 
 // progress draws a bar on a terminal stderr, or logs every 10 s otherwise.

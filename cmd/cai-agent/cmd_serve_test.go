@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -38,7 +37,7 @@ func TestServeCommand(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr serveLogBuffer
+	var stdout, stderr lockedBuffer
 	code := make(chan int, 1)
 	go func() { code <- run(ctx, []string{"cai-agent", "serve"}, strings.NewReader(""), &stdout, &stderr) }()
 
@@ -79,7 +78,7 @@ func TestServeCommand(t *testing.T) {
 
 // waitForSocket waits until the command started in the background answers on sock, failing
 // the test if it exits first (a startup deadline, not a performance assertion).
-func waitForSocket(t *testing.T, sock string, code <-chan int, stderr *serveLogBuffer) {
+func waitForSocket(t *testing.T, sock string, code <-chan int, stderr *lockedBuffer) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -143,7 +142,7 @@ func TestFetchAndDecryptServe(t *testing.T) {
 	sock := in("run/agent.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr serveLogBuffer
+	var stdout, stderr lockedBuffer
 	code := make(chan int, 1)
 	go func() {
 		code <- run(ctx, []string{"cai-agent", "--tee", "sample", "--state-dir", in("state"),
@@ -180,22 +179,4 @@ func TestFetchAndDecryptServeBadFlags(t *testing.T) {
 	assert.Equal(t, ExitUsage, rc, "%s", errb.String())
 	assert.Contains(t, errb.String(), "--socket")
 	assert.NoDirExists(t, filepath.Join(dir, "out"))
-}
-
-// serveLogBuffer is a bytes.Buffer safe for the server goroutine and the test to share.
-type serveLogBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *serveLogBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *serveLogBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// fetch-and-decrypt from a private http:// source: the token of --source-token-file
+// (CAI_SOURCE_TOKEN_FILE) goes with every request and never into the output; without it the
+// source refuses (exit 8) and nothing is published.
+func TestFetchAndDecryptSourceToken(t *testing.T) {
+	dir := t.TempDir()
+	in := func(name string) string { return filepath.Join(dir, name) }
+	require.NoError(t, os.Mkdir(in("plain"), 0o755))
+	for _, args := range [][]string{
+		{"dev-tiny-model", "--gguf", in("plain/tiny.gguf")},
+		{"keygen", "--out", in("model.key")},
+		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc"), "--key-hint", "kbs:///default/model-key/tiny"},
+	} {
+		var out, errb bytes.Buffer
+		rc := run(context.Background(), append([]string{"cai-agent"}, args...), strings.NewReader(""), &out, &errb)
+		require.Equal(t, ExitOK, rc, "%v: %s", args, errb.String())
+	}
+	const token = "hf_s3cr3tT0ken"
+	require.NoError(t, os.WriteFile(in("token"), []byte(token+"\n"), 0o600))
+	files := http.FileServer(http.Dir(in("enc")))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer "+token {
+			http.Error(w, "private", http.StatusUnauthorized)
+			return
+		}
+		files.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+
+	fetch := func(extra ...string) (int, string) {
+		var out, errb bytes.Buffer
+		args := append([]string{"cai-agent", "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+			"--source", srv.URL + "/", "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline",
+			"--key-file", in("model.key"), "--no-progress", "--source-retries", "0"}, extra...)
+		rc := run(context.Background(), args, strings.NewReader(""), &out, &errb)
+		return rc, out.String() + errb.String()
+	}
+	rc, output := fetch()
+	assert.Equal(t, ExitSource, rc, output)
+	assert.Contains(t, output, "401")
+	assert.NoFileExists(t, in("out/tiny.gguf"))
+
+	t.Setenv("CAI_SOURCE_TOKEN_FILE", in("token"))
+	rc, output = fetch()
+	require.Equal(t, ExitOK, rc, output)
+	assert.NotContains(t, output, token)
+	want, err := os.ReadFile(in("plain/tiny.gguf"))
+	require.NoError(t, err)
+	got, err := os.ReadFile(in("out/tiny.gguf"))
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+
+	// A bad token file is a usage error naming the file, not its content.
+	require.NoError(t, os.WriteFile(in("badtoken"), []byte("two\nlines "+token), 0o600))
+	rc, output = fetch("--source-token-file", in("badtoken"))
+	assert.Equal(t, ExitUsage, rc, output)
+	assert.Contains(t, output, "badtoken")
+	assert.NotContains(t, output, token)
+	// And a token for a local source is refused.
+	var out, errb bytes.Buffer
+	rc = run(context.Background(), []string{"cai-agent", "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+		"--source", in("enc"), "--out", in("out2"), "--kbc", "offline", "--key-file", in("model.key")}, strings.NewReader(""), &out, &errb)
+	assert.Equal(t, ExitUsage, rc, errb.String())
+}
