@@ -222,7 +222,7 @@ func sourceHeader(tokenFile string) (http.Header, error) {
 	return http.Header{"Authorization": {"Bearer " + tok}}, nil
 }
 
-// progress draws a bar on a terminal stderr, or logs every 10 s otherwise.
+// progress draws a bar on a terminal stderr, or logs every 5 s otherwise.
 type progress struct {
 	w     io.Writer
 	tty   bool
@@ -251,7 +251,7 @@ func (p *progress) update(done, total int64) {
 	}
 	defer func() { <-p.mu }()
 	now := time.Now()
-	interval := 10 * time.Second
+	interval := 5 * time.Second
 	if p.tty {
 		interval = 200 * time.Millisecond
 	}

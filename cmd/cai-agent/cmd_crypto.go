@@ -367,8 +367,7 @@ func cmdDecrypt(c *cli.Context) error {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
 		defer m.Lock()
-		stop := logProgress(&opts, m.Manifest().TotalSize())
-		defer stop()
+		defer showProgress(c, &opts, m.Manifest().TotalSize())()
 		if res, err = store.Unpack(c.Context, m, src, out, opts); err != nil {
 			return fmt.Errorf("decrypt %s: %w", in, err)
 		}
@@ -384,8 +383,7 @@ func cmdDecrypt(c *cli.Context) error {
 		for _, e := range input.Files {
 			total += e.Header.PlaintextSize()
 		}
-		stop := logProgress(&opts, total)
-		defer stop()
+		defer showProgress(c, &opts, total)()
 		if res, err = store.UnpackCCZ(c.Context, key, input, out, opts, ccz.Options{}); err != nil {
 			return fmt.Errorf("decrypt %s (CCZoo format): %w", in, err)
 		}
@@ -410,26 +408,13 @@ func cmdDecrypt(c *cli.Context) error {
 	return nil
 }
 
-// logProgress makes opts report progress: an info log line every 5 seconds while decrypting.
-func logProgress(opts *store.Options, total int64) (stop func()) {
+// showProgress makes opts report progress like fetch-and-decrypt (a bar on a terminal, a log
+// line every 5 s otherwise); call the returned function when done.
+func showProgress(c *cli.Context, opts *store.Options, total int64) (finish func()) {
 	var done atomic.Int64
-	opts.Progress = func(n int64) { done.Add(n) }
-	quit := make(chan struct{})
-	start := time.Now()
-	go func() {
-		t := time.NewTicker(5 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-quit:
-				return
-			case <-t.C:
-				n := done.Load()
-				slog.Info("decrypting", "bytes", n, "total", total, "rate", rate(n, time.Since(start)))
-			}
-		}
-	}()
-	return func() { close(quit) }
+	pr := newProgress(c.App.ErrWriter)
+	opts.Progress = func(n int64) { pr.update(done.Add(n), total) }
+	return pr.finish
 }
 
 type decryptResultJSON struct {
