@@ -303,6 +303,22 @@ func TestUnknownVersion(t *testing.T) {
 	}
 }
 
+// SPEC.md §9: another version is rejected with ErrUnsupportedVersion before anything else is
+// looked at, also when its header object is larger than a version-1 header may be (a future
+// version may allow bigger manifests).
+func TestUnknownVersionOversizedHeader(t *testing.T) {
+	h := make([]byte, maxHeaderSize+4096)
+	copy(h, magic)
+	binary.BigEndian.PutUint16(h[offVersion:], 2)
+	_, err := Open(context.Background(), &memSource{objs: map[string][]byte{HeaderObject: h}})
+	require.ErrorIs(t, err, ErrUnsupportedVersion)
+	assert.False(t, errors.Is(err, ErrCorrupt))
+	// Version 1 of that size is corrupt.
+	binary.BigEndian.PutUint16(h[offVersion:], Version)
+	_, err = Open(context.Background(), &memSource{objs: map[string][]byte{HeaderObject: h}})
+	require.ErrorIs(t, err, ErrCorrupt)
+}
+
 func TestNotModel(t *testing.T) {
 	_, err := Open(context.Background(), &memSource{objs: map[string][]byte{}})
 	require.ErrorIs(t, err, ErrNotModel)

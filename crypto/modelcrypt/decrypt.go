@@ -53,6 +53,11 @@ func Open(ctx context.Context, src Source) (*Model, error) {
 		return nil, fmt.Errorf("modelcrypt: read %s: %w", HeaderObject, err)
 	}
 	if buf.Len() > maxHeaderSize {
+		// Another version is reported as such before anything else (SPEC.md §9), whatever
+		// its size.
+		if _, _, err := parseHeader(buf.Bytes()[:offVersion+2]); errors.Is(err, ErrUnsupportedVersion) {
+			return nil, err
+		}
 		return nil, headerCorrupt("header object larger than %d bytes", maxHeaderSize)
 	}
 	return ParseHeader(buf.Bytes())
