@@ -65,11 +65,11 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 			return fmt.Errorf("%w: %w", ErrMeasure, err)
 		}
 		logPath := filepath.Join(p.stateDir, EventLogFile)
-		var off int64
-		if fi, err := os.Stat(logPath); err == nil {
-			off = fi.Size()
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("%w: %w", ErrMeasure, err)
+		// Checked before anything is extended: a log that cannot be written (a symlink, not a
+		// regular file) must fail the measurement while RTMR3 still replays from it.
+		off, err := stateFileSize(logPath)
+		if err != nil {
+			return fmt.Errorf("%w: event log: %w", ErrMeasure, err)
 		}
 		newV := rtmr.ExtendValue(old, d)
 		w := walRecord{Version: 1, Offset: off, Old: hex.EncodeToString(old[:]), New: hex.EncodeToString(newV[:]), Record: rec}
@@ -148,7 +148,7 @@ func (p *Platform) recoverLocked() error {
 			os.Remove(t)
 		}
 	}
-	b, err := os.ReadFile(p.walPath())
+	b, err := readStateFile(p.walPath())
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -185,11 +185,9 @@ func (p *Platform) recoverLocked() error {
 		return fmt.Errorf("%w: %w", ErrMeasure, err)
 	}
 	logPath := filepath.Join(p.stateDir, EventLogFile)
-	size := int64(0)
-	if fi, err := os.Stat(logPath); err == nil {
-		size = fi.Size()
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %w", ErrMeasure, err)
+	size, err := stateFileSize(logPath)
+	if err != nil {
+		return fmt.Errorf("%w: event log: %w", ErrMeasure, err)
 	}
 	if size < w.Offset {
 		return fmt.Errorf("%w: event log %s is shorter (%d bytes) than when the pending measurement began (%d)", ErrInconsistent, logPath, size, w.Offset)
@@ -260,7 +258,7 @@ func (p *Platform) checkFreshLocked() error {
 // warnIfUnreplayable logs a warning when the agent's records do not fold to RTMR3: something
 // else extended RTMR3 without logging it here, and verifiers replaying the log will refuse it.
 func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
-	b, err := readBounded(logPath)
+	b, err := readStateFile(logPath)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return
 	}
@@ -285,7 +283,7 @@ func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
 
 // writeLogAt makes the log exactly its first off bytes followed by rec, and syncs it.
 func writeLogAt(path string, off int64, rec []byte) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := openStateFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return err
 	}
@@ -305,7 +303,7 @@ func writeLogAt(path string, off int64, rec []byte) error {
 }
 
 func truncateLog(path string, off int64) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, err := openStateFile(path, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) && off == 0 {
 		return nil
 	}

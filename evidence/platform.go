@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 
 	"github.com/google/go-configfs-tsm/configfs/configfsi"
 	"golang.org/x/sys/unix"
@@ -137,7 +138,7 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("evidence: state directory: %w", err)
 	}
-	lf, err := os.OpenFile(filepath.Join(opts.StateDir, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	lf, err := openStateFile(filepath.Join(opts.StateDir, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("evidence: state directory lock: %w", err)
 	}
@@ -302,7 +303,7 @@ func (p *Platform) ccEventLogLocked() ([]byte, error) {
 // TCG2 records with no end marker.
 func (p *Platform) ownLogLocked() ([]byte, error) {
 	path := filepath.Join(p.stateDir, EventLogFile)
-	b, err := readBounded(path)
+	b, err := readStateFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -325,6 +326,60 @@ func readBounded(path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
+	return readAllBounded(f)
+}
+
+// readStateFile reads a file of the state directory without following a symlink (see
+// openStateFile).
+func readStateFile(path string) ([]byte, error) {
+	f, err := openStateFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return readAllBounded(f)
+}
+
+// openStateFile opens a file of the state directory. The agent runs as root and the
+// directory may be writable by others (a Kubernetes emptyDir is 0777), so a symlink there is
+// never followed (O_NOFOLLOW: ELOOP) and anything but a regular file is refused: otherwise a
+// planted link would make the agent write, truncate or create the file it points to.
+func openStateFile(path string, flag int, perm os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, perm)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	return f, nil
+}
+
+// stateFileSize returns the size of a state directory file (0 when it does not exist),
+// refusing symlinks and non-regular files like openStateFile.
+func stateFileSize(path string) (int64, error) {
+	f, err := openStateFile(path, os.O_RDONLY, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+func readAllBounded(f *os.File) ([]byte, error) {
 	b, err := io.ReadAll(io.LimitReader(f, maxLogSize+1))
 	if err != nil {
 		return nil, err

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 
 	"github.com/cai-agent/cai-agent/evidence/rtmr"
 )
@@ -104,7 +103,7 @@ type sampleState struct {
 
 func (s *sampleTEE) load() ([4][48]byte, error) {
 	var out [4][48]byte
-	b, err := os.ReadFile(s.path)
+	b, err := readStateFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return out, nil
 	}
