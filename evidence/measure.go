@@ -263,6 +263,9 @@ func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
 		return
 	}
 	l, err := tcg.Walk(b)
+	if err == nil && (l.HeaderEnd != 0 || l.End != len(b)) {
+		err = errors.New("not a plain sequence of records")
+	}
 	if err != nil {
 		slog.Warn("the event log is malformed", "log", logPath, "err", err)
 		return
@@ -270,7 +273,7 @@ func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
 	var acc [48]byte
 	for _, r := range l.Records {
 		for _, d := range r.Digests {
-			if r.MRIndex == tcg.MRIndexRTMR3 && d.Alg == tcg.AlgSHA384 {
+			if r.MRIndex == tcg.MRIndexRTMR3 && d.Alg == tcg.AlgSHA384 && len(d.Sum) == 48 {
 				acc = rtmr.ExtendValue(acc, [48]byte(d.Sum))
 			}
 		}

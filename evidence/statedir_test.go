@@ -69,3 +69,26 @@ func TestStateDirSymlinksNotFollowed(t *testing.T) {
 		assert.True(t, os.IsNotExist(err), "no file may be created through the symlink")
 	})
 }
+
+// An own log that starts with a Spec ID header redefining the SHA-384 digest size (a forged
+// or corrupted state file) is reported, not a panic of Open.
+func TestOpenForgedLogHeaderNoPanic(t *testing.T) {
+	e := newEnv(t)
+	e.open(t, TEETDX).Close()
+	e.k.SetRTMR(3, [48]byte{1}) // non-zero: the log is checked for replay, not retired
+	// Spec ID header: one algorithm, SHA-384 with a 32-byte digest.
+	data := append([]byte("Spec ID Event03\x00"), 0, 0, 0, 0, 0, 2, 0, 2, 1, 0, 0, 0, 0x0c, 0, 32, 0, 0)
+	hdr := append([]byte{0, 0, 0, 0, 3, 0, 0, 0}, make([]byte, 20)...)
+	hdr = append(hdr, byte(len(data)), 0, 0, 0)
+	hdr = append(hdr, data...)
+	rec := []byte{4, 0, 0, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0x0c, 0}
+	rec = append(rec, make([]byte, 32)...)
+	rec = append(rec, 0, 0, 0, 0)
+	require.NoError(t, os.WriteFile(filepath.Join(e.state, EventLogFile), append(hdr, rec...), 0o600))
+	assert.NotPanics(t, func() {
+		p, err := Open(context.Background(), e.opts(TEETDX))
+		if err == nil {
+			p.Close()
+		}
+	})
+}
