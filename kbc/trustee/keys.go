@@ -93,12 +93,27 @@ type flatJWE struct {
 
 // Decrypt opens a resource JWE (flattened JSON serialization) addressed to this key.
 //
-// Checked: only the members protected, encrypted_key, iv, ciphertext, tag; every member is
+// Checked: only the members protected, encrypted_key, iv, ciphertext, tag (names matched
+// exactly, as go-jose matches them); every member is
 // canonical unpadded base64url, so the GCM additional data go-jose uses (its re-encoding of
 // the protected header) is exactly the received "protected" string (RFC 7516 §5.2); alg is
 // this key's algorithm and enc is A256GCM (go-jose allow-list); no "zip" or "crit"; for EC,
 // epk is on P-256. All failures wrap kbc.ErrProtocol.
 func (k *teeKey) Decrypt(body []byte) ([]byte, error) {
+	// encoding/json matches member names case-insensitively, go-jose's parser exactly: with
+	// "Protected" beside "protected" the checks below would read one header and go-jose
+	// decrypt under the other. So every member name must be exactly one of the five.
+	var members map[string]json.RawMessage
+	if err := json.Unmarshal(body, &members); err != nil {
+		return nil, fmt.Errorf("%w: resource is not a flattened JWE: %v", kbc.ErrProtocol, err)
+	}
+	for name := range members {
+		switch name {
+		case "protected", "encrypted_key", "iv", "ciphertext", "tag":
+		default:
+			return nil, fmt.Errorf("%w: resource JWE has an unexpected member %q", kbc.ErrProtocol, kbc.Sanitize(name))
+		}
+	}
 	dec := json.NewDecoder(strings.NewReader(string(body)))
 	dec.DisallowUnknownFields()
 	var j flatJWE

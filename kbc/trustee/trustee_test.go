@@ -197,3 +197,35 @@ func TestNewRefusesBadConfig(t *testing.T) {
 type fakeAttester struct{ evidence.Attester }
 
 func (fakeAttester) TEE() string { return "sample" }
+
+// encoding/json matches member names case-insensitively, go-jose's parser does not: a member
+// "Protected" beside "protected" would make the checks here look at one header while go-jose
+// decrypts under the other. Such a body (and any member name that is not exactly one of the
+// five) is refused.
+func TestDecryptMemberNamesExact(t *testing.T) {
+	k, err := newTEEKey(AlgECDHES)
+	require.NoError(t, err)
+	pub := &k.priv.(*ecdsa.PrivateKey).PublicKey
+	zipped, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: jose.ECDH_ES_A256KW, Key: pub},
+		(&jose.EncrypterOptions{Compression: jose.DEFLATE}))
+	require.NoError(t, err)
+	obj, err := zipped.Encrypt([]byte("secret"))
+	require.NoError(t, err)
+	var m map[string]any
+	require.NoError(t, json.Unmarshal([]byte(obj.FullSerialize()), &m))
+	_, err = k.Decrypt([]byte(obj.FullSerialize()))
+	require.ErrorIs(t, err, kbc.ErrProtocol, "zip is refused")
+
+	var clean map[string]any
+	require.NoError(t, json.Unmarshal([]byte(goJoseJWE(t, jose.ECDH_ES_A256KW, pub, []byte("x"))), &clean))
+	b, err := json.Marshal(m)
+	require.NoError(t, err)
+	// Append "Protected" (capital P) after the real member.
+	body := strings.TrimSuffix(string(b), "}") + `,"Protected":"` + clean["protected"].(string) + `"}`
+	_, err = k.Decrypt([]byte(body))
+	require.ErrorIs(t, err, kbc.ErrProtocol, "a case variant of a member is refused")
+
+	body = strings.Replace(string(b), `"tag"`, `"TAG"`, 1)
+	_, err = k.Decrypt([]byte(body))
+	require.ErrorIs(t, err, kbc.ErrProtocol)
+}
