@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"unicode/utf8"
 
 	"github.com/gowebpki/jcs"
 )
@@ -33,8 +34,12 @@ const NoncePurpose = "cai-agent/evidence/v1"
 //	SHA-384(JCS({"event_log_sha384": hex(SHA-384(ccEventLog)), "nonce": nonce, "purpose": NoncePurpose})) ‖ 16 zero bytes
 //
 // ccEventLog is exactly the cc_eventlog bytes served beside the quote (nil and empty are the
-// same). Binding the log digest means a verifier knows the log was not swapped after the quote.
+// same). A nonce that is not valid UTF-8 is an error. Binding the log digest means a verifier knows the log was not swapped after the quote.
 func NonceReportData(nonce string, ccEventLog []byte) ([64]byte, error) {
+	// encoding/json would replace invalid UTF-8 with U+FFFD, binding many nonces alike.
+	if !utf8.ValidString(nonce) {
+		return [64]byte{}, fmt.Errorf("nonce is not valid UTF-8")
+	}
 	logDigest := sha512.Sum384(ccEventLog)
 	pre, err := CanonicalJSON(map[string]string{
 		"event_log_sha384": hex.EncodeToString(logDigest[:]),
