@@ -13,6 +13,11 @@
 //     its blobs are there. On any failure before that point the staging directory is removed
 //     and nothing of the run is published.
 //   - One run per OUT: a non-blocking flock on OUT/.cai-agent/lock (ErrLocked).
+//   - Confined to OUT: everything below OUT is opened through os.Root (a symlink planted in
+//     OUT cannot lead outside it; files are moved into place with renameat(2) between
+//     directory descriptors), and OUT/.cai-agent must be a real directory owned by this user
+//     and not writable by group or others, else the run is refused: it holds the staging and
+//     the publish record, which decides what is trusted without re-hashing.
 //   - Crash recovery: a rerun (e.g. after kill -9) removes stale staging and completes. Files
 //     already published and identical to the model's are skipped (not decrypted again). A
 //     publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its rename
@@ -37,9 +42,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -111,6 +118,25 @@ func CheckTmpfs(dir string) error {
 	if err := unix.Statfs(dir, &st); err != nil {
 		return fmt.Errorf("store: statfs %s: %w", dir, err)
 	}
+	return tmpfsType(dir, &st)
+}
+
+// checkTmpfsAt is CheckTmpfs for the directory name opened in root (no path is resolved
+// again after the open).
+func checkTmpfsAt(root *os.Root, name, display string) error {
+	d, err := root.Open(name)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	defer d.Close()
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(d.Fd()), &st); err != nil {
+		return fmt.Errorf("store: statfs %s: %w", display, err)
+	}
+	return tmpfsType(display, &st)
+}
+
+func tmpfsType(dir string, st *unix.Statfs_t) error {
 	switch uint32(st.Type) {
 	case TmpfsMagic, RamfsMagic:
 		return nil
@@ -148,12 +174,16 @@ func ReadReady(out string) (*Ready, error) {
 	return &r, nil
 }
 
-// publisher is one locked run on OUT.
+// publisher is one locked run on OUT. Everything below OUT is reached through root and meta
+// (os.Root), so a symlink planted in OUT cannot make the publisher read or write outside it,
+// and meta is a directory verified to be ours and closed to others (openMeta).
 type publisher struct {
-	out, meta, staging string
-	lock               *os.File
-	trustRecord        bool
-	record             map[string]FileInfo
+	out         string   // for messages
+	root        *os.Root // OUT
+	meta        *os.Root // OUT/.cai-agent
+	lock        *os.File
+	trustRecord bool
+	record      map[string]FileInfo
 }
 
 // begin checks OUT, takes the lock, removes stale staging and loads the publish record.
@@ -161,16 +191,25 @@ func begin(out string, opts Options) (_ *publisher, err error) {
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
-	onTmpfs := CheckTmpfs(out)
+	root, err := os.OpenRoot(out)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	p := &publisher{out: out, root: root}
+	defer func() {
+		if err != nil {
+			p.close()
+		}
+	}()
+	onTmpfs := checkTmpfsAt(root, ".", out)
 	if onTmpfs != nil && (!opts.AllowNonTmpfs || !errors.Is(onTmpfs, ErrNotTmpfs)) {
 		return nil, onTmpfs
 	}
-	p := &publisher{out: out, meta: filepath.Join(out, MetaDir), trustRecord: onTmpfs == nil}
-	p.staging = filepath.Join(p.meta, StagingDir)
-	if err := os.MkdirAll(p.meta, 0o700); err != nil {
-		return nil, fmt.Errorf("store: %w", err)
+	p.trustRecord = onTmpfs == nil
+	if p.meta, err = openMeta(root, out); err != nil {
+		return nil, err
 	}
-	lf, err := os.OpenFile(filepath.Join(p.meta, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	lf, err := p.meta.OpenFile(LockFile, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
@@ -182,41 +221,95 @@ func begin(out string, opts Options) (_ *publisher, err error) {
 		return nil, fmt.Errorf("store: lock %s: %w", out, err)
 	}
 	p.lock = lf
-	defer func() {
-		if err != nil {
-			p.close()
-		}
-	}()
 	// Stale staging from a crashed run: we hold the lock, so nobody else is writing it.
-	if err := os.RemoveAll(p.staging); err != nil {
+	if err := p.meta.RemoveAll(StagingDir); err != nil {
 		return nil, fmt.Errorf("store: remove stale staging: %w", err)
 	}
-	if err := os.Mkdir(p.staging, 0o700); err != nil {
+	if err := p.meta.Mkdir(StagingDir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	if onTmpfs == nil {
-		if err := CheckTmpfs(p.staging); err != nil {
+		if err := checkTmpfsAt(p.meta, StagingDir, filepath.Join(out, MetaDir, StagingDir)); err != nil {
 			return nil, err
 		}
 	}
-	if p.record, err = loadRecord(filepath.Join(p.meta, RecordFile)); err != nil {
+	if p.record, err = loadRecord(p.meta, RecordFile); err != nil {
 		return nil, err
 	}
 	return p, nil
 }
 
+// openMeta creates (0700) or opens OUT/.cai-agent and checks, on the opened directory, that
+// it is a real directory (not a symlink), owned by this process's user and not writable by
+// group or others: it holds the lock, staging and the publish record that decides which
+// published files are trusted without re-hashing, so nobody else may be able to plant or
+// swap anything in it.
+func openMeta(root *os.Root, out string) (*os.Root, error) {
+	if err := root.Mkdir(MetaDir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	name := filepath.Join(out, MetaDir)
+	lst, err := root.Lstat(MetaDir)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	if !lst.IsDir() {
+		return nil, fmt.Errorf("store: %s is not a directory (%s)", name, lst.Mode().Type())
+	}
+	meta, err := root.OpenRoot(MetaDir)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	d, err := meta.Open(".")
+	if err != nil {
+		meta.Close()
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	st, err := d.Stat()
+	d.Close()
+	if err != nil {
+		meta.Close()
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	if !os.SameFile(lst, st) {
+		meta.Close()
+		return nil, fmt.Errorf("store: %s changed while it was opened", name)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || int(sys.Uid) != os.Geteuid() || st.Mode().Perm()&0o022 != 0 {
+		meta.Close()
+		uid := -1
+		if ok {
+			uid = int(sys.Uid)
+		}
+		return nil, fmt.Errorf("store: %s (owner uid %d, mode %v) must be owned by uid %d and not writable by group or others; remove it",
+			name, uid, st.Mode().Perm(), os.Geteuid())
+	}
+	return meta, nil
+}
+
 func (p *publisher) close() {
-	_ = os.RemoveAll(p.staging)
+	if p.meta != nil {
+		_ = p.meta.RemoveAll(StagingDir)
+	}
 	if p.lock != nil {
 		_ = unix.Flock(int(p.lock.Fd()), unix.LOCK_UN)
 		_ = p.lock.Close()
 		p.lock = nil
 	}
+	if p.meta != nil {
+		_ = p.meta.Close()
+		p.meta = nil
+	}
+	if p.root != nil {
+		_ = p.root.Close()
+		p.root = nil
+	}
 }
 
-func loadRecord(name string) (map[string]FileInfo, error) {
+func loadRecord(dir *os.Root, name string) (map[string]FileInfo, error) {
 	rec := map[string]FileInfo{}
-	b, err := os.ReadFile(name)
+	b, err := dir.ReadFile(name)
 	if errors.Is(err, os.ErrNotExist) {
 		return rec, nil
 	}
@@ -237,7 +330,7 @@ func loadRecord(name string) (map[string]FileInfo, error) {
 
 // appendRecord appends lines to the publish record and fsyncs it.
 func (p *publisher) appendRecord(fis ...FileInfo) error {
-	f, err := os.OpenFile(filepath.Join(p.meta, RecordFile), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := p.meta.OpenFile(RecordFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return err
 	}
@@ -275,11 +368,10 @@ func (p *publisher) compactRecord() error {
 		buf.Write(b)
 		buf.WriteByte('\n')
 	}
-	name := filepath.Join(p.meta, RecordFile)
-	if err := writeFileSync(name+".tmp", buf.Bytes()); err != nil {
+	if err := writeFileSync(p.meta, RecordFile+".tmp", buf.Bytes()); err != nil {
 		return err
 	}
-	return os.Rename(name+".tmp", name)
+	return p.meta.Rename(RecordFile+".tmp", RecordFile)
 }
 
 // identical reports whether OUT/rel is already the published file with this size and digest.
@@ -287,8 +379,8 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	if strings.Split(rel, "/")[0] == MetaDir {
 		return false
 	}
-	dst := filepath.Join(p.out, filepath.FromSlash(rel))
-	st, err := os.Lstat(dst)
+	dst := filepath.FromSlash(rel)
+	st, err := p.root.Lstat(dst)
 	if err != nil || !st.Mode().IsRegular() || st.Size() != size {
 		return false
 	}
@@ -296,11 +388,14 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	if p.trustRecord && size > rehashBelow {
 		return p.record[rel].SHA256 == hexSum && p.record[rel].Size == size
 	}
-	f, err := os.Open(dst)
+	f, err := p.root.OpenFile(dst, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return false
 	}
 	defer f.Close()
+	if fst, err := f.Stat(); err != nil || !os.SameFile(st, fst) {
+		return false
+	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
 		return false
@@ -331,17 +426,18 @@ func checkRel(rel string) error {
 	return nil
 }
 
-func (p *publisher) stagePath(rel string) string {
-	return filepath.Join(p.staging, filepath.FromSlash(rel))
+// stagePath returns rel's staging path relative to p.meta.
+func stagePath(rel string) string {
+	return filepath.Join(StagingDir, filepath.FromSlash(rel))
 }
 
 // publish renames staged files into place, manifests/... last, recording each, then writes
 // the ready marker.
 func (p *publisher) publish(files []stagedFile, ready *Ready) error {
-	if err := os.Remove(filepath.Join(p.meta, ReadyFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := p.meta.Remove(ReadyFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("store: %w", err)
 	}
-	if err := syncDir(p.meta); err != nil {
+	if err := syncDir(p.meta, "."); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
 	ordered := slices.Clone(files)
@@ -357,19 +453,16 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 		}
 	})
 	for _, f := range ordered {
-		dst := filepath.Join(p.out, filepath.FromSlash(f.rel))
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		dst := filepath.FromSlash(f.rel)
+		if err := p.root.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 			return fmt.Errorf("store: publish %s: %w", f.rel, err)
 		}
-		if _, ok := p.record[f.rel]; ok || exists(dst) {
+		if _, ok := p.record[f.rel]; ok || exists(p.root, dst) {
 			if err := p.appendRecord(FileInfo{Path: f.rel}); err != nil {
 				return fmt.Errorf("store: record: %w", err)
 			}
 		}
-		if err := os.Rename(p.stagePath(f.rel), dst); err != nil {
-			return fmt.Errorf("store: publish %s: %w", f.rel, err)
-		}
-		if err := syncDir(filepath.Dir(dst)); err != nil {
+		if err := p.rename(f.rel); err != nil {
 			return fmt.Errorf("store: publish %s: %w", f.rel, err)
 		}
 		if testHookRenamed != nil {
@@ -387,21 +480,50 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(p.meta, ReadyFile+".tmp")
-	if err := writeFileSync(tmp, append(b, '\n')); err != nil {
+	if err := writeFileSync(p.meta, ReadyFile+".tmp", append(b, '\n')); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(p.meta, ReadyFile)); err != nil {
+	if err := p.meta.Rename(ReadyFile+".tmp", ReadyFile); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	return syncDir(p.meta)
+	return syncDir(p.meta, ".")
+}
+
+// rename moves the staged file rel into place with renameat(2) between two directory file
+// descriptors, both opened inside their roots: the staging directory (in p.meta, which only
+// we can write) and rel's parent in OUT. So the file renamed is the one we staged, and it
+// lands below OUT even if someone swaps directories in OUT meanwhile. The destination
+// directory is fsynced.
+func (p *publisher) rename(rel string) error {
+	dir, base := path.Split(rel)
+	if dir == "" {
+		dir = "."
+	}
+	from, err := p.meta.Open(filepath.Join(StagingDir, filepath.FromSlash(dir)))
+	if err != nil {
+		return err
+	}
+	defer from.Close()
+	to, err := p.root.Open(filepath.FromSlash(dir))
+	if err != nil {
+		return err
+	}
+	defer to.Close()
+	if err := unix.Renameat(int(from.Fd()), base, int(to.Fd()), base); err != nil {
+		return &os.LinkError{Op: "rename", Old: stagePath(rel), New: rel, Err: err}
+	}
+	return to.Sync()
 }
 
 // readyMatches reports whether OUT's ready marker already describes exactly this model and
 // every file in it is (still) identical.
 func (p *publisher) readyMatches(kind, modelSHA string, files []FileInfo) bool {
-	r, err := ReadReady(p.out)
-	if err != nil || r.Kind != kind || r.ModelSHA256 != modelSHA || len(r.Files) != len(files) {
+	b, err := p.meta.ReadFile(ReadyFile)
+	if err != nil {
+		return false
+	}
+	var r Ready
+	if err := json.Unmarshal(b, &r); err != nil || r.Kind != kind || r.ModelSHA256 != modelSHA || len(r.Files) != len(files) {
 		return false
 	}
 	for i, f := range files {
@@ -412,13 +534,13 @@ func (p *publisher) readyMatches(kind, modelSHA string, files []FileInfo) bool {
 	return true
 }
 
-func exists(p string) bool {
-	_, err := os.Lstat(p)
+func exists(root *os.Root, name string) bool {
+	_, err := root.Lstat(name)
 	return err == nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
+func syncDir(root *os.Root, dir string) error {
+	d, err := root.Open(dir)
 	if err != nil {
 		return err
 	}
@@ -426,8 +548,8 @@ func syncDir(dir string) error {
 	return d.Sync()
 }
 
-func writeFileSync(name string, b []byte) error {
-	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+func writeFileSync(root *os.Root, name string, b []byte) error {
+	f, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, 0o644)
 	if err != nil {
 		return err
 	}
@@ -447,11 +569,11 @@ func (p *publisher) mkStaged(rel string, size int64) (*os.File, error) {
 	if err := checkRel(rel); err != nil {
 		return nil, err
 	}
-	sp := p.stagePath(rel)
-	if err := os.MkdirAll(filepath.Dir(sp), 0o700); err != nil {
+	sp := stagePath(rel)
+	if err := p.meta.MkdirAll(filepath.Dir(sp), 0o700); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(sp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := p.meta.OpenFile(sp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return nil, err
 	}

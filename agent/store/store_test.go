@@ -582,3 +582,77 @@ func TestRecordTrust(t *testing.T) {
 	assert.Equal(t, 1, res.Skipped)
 	requireTree(t, out, files)
 }
+
+// A symlink planted in OUT by someone else must not make the publisher write outside OUT:
+// neither OUT/.cai-agent (lock, staging, record, ready marker) nor a model file's parent.
+func TestSymlinkInOutDoesNotEscape(t *testing.T) {
+	key := newKey(t)
+	_, in := plainTree(t, testFiles)
+	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
+	m := openModel(t, key, enc)
+	outside := shmDir(t)
+
+	// OUT/.cai-agent -> a directory outside OUT.
+	out := shmDir(t)
+	require.NoError(t, os.Symlink(outside, filepath.Join(out, MetaDir)))
+	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.ErrorContains(t, err, "is not a directory")
+	ents, _ := os.ReadDir(outside)
+	assert.Empty(t, ents, "nothing written through the planted %s symlink", MetaDir)
+	assert.Equal(t, []string{MetaDir}, visible(t, out), "only the planted symlink")
+
+	// OUT/sub -> a directory outside OUT (the model has sub/dir/model-00002.bin).
+	out = shmDir(t)
+	require.NoError(t, os.Symlink(outside, filepath.Join(out, "sub")))
+	_, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.ErrorContains(t, err, "escapes")
+	ents, _ = os.ReadDir(outside)
+	assert.Empty(t, ents, "nothing written through the planted sub symlink")
+	_, err = ReadReady(out)
+	require.ErrorIs(t, err, fs.ErrNotExist)
+}
+
+// OUT/.cai-agent created beforehand by someone else (another owner, or writable by others)
+// holds the publish record that decides which files are trusted without re-hashing: a forged
+// record must not make a tampered file pass as published. Such a directory is refused.
+func TestForeignMetaDirRefused(t *testing.T) {
+	key := newKey(t)
+	files := map[string][]byte{"big.bin": randBytes(rehashBelow + 4096)}
+	_, in := plainTree(t, files)
+	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
+	m := openModel(t, key, enc)
+	sum := sha256.Sum256(files["big.bin"])
+
+	plant := func(t *testing.T, out string) {
+		meta := filepath.Join(out, MetaDir)
+		require.NoError(t, os.Mkdir(meta, 0o777))
+		require.NoError(t, os.Chmod(meta, 0o777))
+		rec, _ := json.Marshal(FileInfo{Path: "big.bin", Size: int64(len(files["big.bin"])), SHA256: hex.EncodeToString(sum[:])})
+		require.NoError(t, os.WriteFile(filepath.Join(meta, RecordFile), append(rec, '\n'), 0o666))
+		// A same-size file with other content.
+		require.NoError(t, os.WriteFile(filepath.Join(out, "big.bin"), make([]byte, len(files["big.bin"])), 0o644))
+	}
+	t.Run("world-writable", func(t *testing.T) {
+		out := shmDir(t)
+		plant(t, out)
+		res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+		require.ErrorContains(t, err, "not writable by group or others", "a world-writable %s is refused", MetaDir)
+		assert.Nil(t, res)
+		_, err = ReadReady(out)
+		require.ErrorIs(t, err, fs.ErrNotExist)
+	})
+	t.Run("other owner", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to chown")
+		}
+		out := shmDir(t)
+		plant(t, out)
+		meta := filepath.Join(out, MetaDir)
+		require.NoError(t, os.Chmod(meta, 0o700))
+		require.NoError(t, os.Chown(meta, 65534, 65534))
+		_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+		require.ErrorContains(t, err, "owner uid 65534", "a %s owned by another user is refused", MetaDir)
+		_, err = ReadReady(out)
+		require.ErrorIs(t, err, fs.ErrNotExist)
+	})
+}

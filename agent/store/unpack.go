@@ -141,7 +141,7 @@ func checkOllamaManifest(p *publisher, man *modelcrypt.Manifest, skip map[string
 	if skip[mp] {
 		return nil // published and checked by an earlier run
 	}
-	b, err := os.ReadFile(p.stagePath(mp))
+	b, err := p.meta.ReadFile(stagePath(mp))
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
