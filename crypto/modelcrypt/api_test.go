@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -279,4 +281,19 @@ func TestEncryptInputChanges(t *testing.T) {
 			require.ErrorIs(t, err, os.ErrNotExist, "output removed")
 		})
 	}
+}
+
+// A valid manifest can list more than 2^63 bytes in total (8193 files of the maximum size
+// fit easily in 16 MiB, and Open accepts it without a key): TotalSize must not wrap.
+func TestTotalSizeSaturates(t *testing.T) {
+	m := &Manifest{Kind: KindFiles, ChunkSize: MaxChunkSize, ShardSize: MaxFileSize}
+	for i := range 8193 {
+		m.Files = append(m.Files, ManifestFile{Path: fmt.Sprintf("f%05d", i), Size: MaxFileSize,
+			Shards: []Shard{{Object: fmt.Sprintf("%06d", i), Size: MaxFileSize, Chunks: MaxFileSize / MaxChunkSize}}})
+	}
+	require.NoError(t, m.validate())
+	b, err := marshalManifest(m)
+	require.NoError(t, err)
+	require.Less(t, len(b), MaxManifestSize)
+	assert.Equal(t, int64(math.MaxInt64), m.TotalSize())
 }

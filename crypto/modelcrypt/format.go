@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -77,10 +78,14 @@ func (s Shard) chunkPlainSize(i int64, c int) int {
 	return int(min(int64(c), s.Size-start))
 }
 
-// TotalSize returns the sum of the plaintext sizes of all files.
+// TotalSize returns the sum of the plaintext sizes of all files, at most math.MaxInt64 (a
+// valid manifest may list more: up to ~10^5 files of up to 2^50 bytes).
 func (m *Manifest) TotalSize() int64 {
 	var n int64
 	for _, f := range m.Files {
+		if f.Size > math.MaxInt64-n {
+			return math.MaxInt64
+		}
 		n += f.Size
 	}
 	return n
