@@ -289,10 +289,9 @@ func openMeta(root *os.Root, out string) (*os.Root, error) {
 }
 
 func (p *publisher) close() {
-	if p.meta != nil {
-		_ = p.meta.RemoveAll(StagingDir)
-	}
 	if p.lock != nil {
+		// Only while we hold the lock: staging belongs to whoever holds it.
+		_ = p.meta.RemoveAll(StagingDir)
 		_ = unix.Flock(int(p.lock.Fd()), unix.LOCK_UN)
 		_ = p.lock.Close()
 		p.lock = nil

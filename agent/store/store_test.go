@@ -234,6 +234,21 @@ func TestLock(t *testing.T) {
 	require.NoError(t, err)
 }
 
+// A run refused by the lock must leave the running run's staging alone.
+func TestLockedRunLeavesStaging(t *testing.T) {
+	out := shmDir(t)
+	p, err := begin(out, Options{})
+	require.NoError(t, err)
+	defer p.close()
+	f, err := p.mkStaged("x/y.bin", 3)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	_, err = begin(out, Options{})
+	require.ErrorIs(t, err, ErrLocked)
+	_, err = os.Stat(filepath.Join(out, MetaDir, StagingDir, "x", "y.bin"))
+	require.NoError(t, err, "the locked-out run removed the running run's staging")
+}
+
 func TestCorruptPublishesNothing(t *testing.T) {
 	key := newKey(t)
 	_, in := plainTree(t, testFiles)
