@@ -671,3 +671,31 @@ func TestForeignMetaDirRefused(t *testing.T) {
 		require.ErrorIs(t, err, fs.ErrNotExist)
 	})
 }
+
+// SPEC.md §5.4: the Ollama manifest is accepted only if every blob it references is a file of
+// this model, also when the manifest file is already published (skipped) by an earlier run of
+// another model that did hold all its blobs.
+func TestUnpackOllamaSkippedManifestStillChecked(t *testing.T) {
+	key := newKey(t)
+	blob := []byte("weights")
+	bs := sha256.Sum256(blob)
+	tmpl := []byte("tpl")
+	ts := sha256.Sum256(tmpl)
+	mj := []byte(`{"schemaVersion":2,"config":{},"layers":[{"mediaType":"` + ollama.MediaTypeModel + `","digest":"sha256:` + hex.EncodeToString(bs[:]) + `","size":7},{"mediaType":"` + ollama.MediaTypeTemplate + `","digest":"sha256:` + hex.EncodeToString(ts[:]) + `","size":3}]}`)
+	full := map[string][]byte{"manifests/h/n/m/t": mj, "blobs/sha256-" + hex.EncodeToString(bs[:]): blob, "blobs/sha256-" + hex.EncodeToString(ts[:]): tmpl}
+	_, in := plainTree(t, full)
+	encA := encrypt(t, key, in, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
+	out := shmDir(t)
+	_, err := Unpack(context.Background(), openModel(t, key, encA), modelcrypt.DirSource(encA), out, Options{})
+	require.NoError(t, err)
+
+	// Model B: the same Ollama manifest, without the template blob it references.
+	partial := map[string][]byte{"manifests/h/n/m/t": mj, "blobs/sha256-" + hex.EncodeToString(bs[:]): blob}
+	_, in = plainTree(t, partial)
+	encB := encrypt(t, key, in, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
+	_, err = Unpack(context.Background(), openModel(t, key, encB), modelcrypt.DirSource(encB), out, Options{})
+	require.ErrorContains(t, err, "which the encrypted model does not contain")
+	r, err := ReadReady(out)
+	require.NoError(t, err)
+	assert.Len(t, r.Files, 3, "the ready marker still describes model A")
+}

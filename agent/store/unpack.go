@@ -2,10 +2,12 @@ package store
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -132,18 +134,27 @@ func checkOllama(man *modelcrypt.Manifest) (string, string, error) {
 	return n.String(), digest, nil
 }
 
-// checkOllamaManifest parses the decrypted (verified, staged) Ollama manifest and requires
-// every blob it references to be part of the model, so a published manifest never points at
-// a missing blob.
+// checkOllamaManifest parses the decrypted (verified, staged) Ollama manifest, or the
+// published one when it was skipped as identical, and requires every blob it references to
+// be part of the model (SPEC.md §5.4), so a published manifest never points at a missing
+// blob. The bytes checked are the ones whose SHA-256 the model authenticates.
 func checkOllamaManifest(p *publisher, man *modelcrypt.Manifest, skip map[string]bool) error {
 	n, _ := ollama.ParseName(man.OllamaModel)
 	mp := n.ManifestPath()
+	var b []byte
+	var err error
 	if skip[mp] {
-		return nil // published and checked by an earlier run
+		b, err = p.root.ReadFile(filepath.FromSlash(mp))
+	} else {
+		b, err = p.meta.ReadFile(stagePath(mp))
 	}
-	b, err := p.meta.ReadFile(stagePath(mp))
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
+	}
+	for _, f := range man.Files {
+		if f.Path == mp && sha256.Sum256(b) != f.SHA256 {
+			return fmt.Errorf("store: Ollama model %s: %s changed while it was checked", n, mp)
+		}
 	}
 	om, err := ollama.ParseManifest(b)
 	if err != nil {
