@@ -39,6 +39,13 @@ func UnpackCCZ(ctx context.Context, key []byte, in *ccz.Input, out string, opts 
 		return nil, err
 	}
 	defer p.close()
+	paths := make([]string, len(in.Files))
+	for i, e := range in.Files {
+		paths[i] = e.Name
+	}
+	if err := p.checkNoForeign(paths); err != nil {
+		return nil, err
+	}
 
 	infos := make([]FileInfo, 0, len(in.Files))
 	var staged []stagedFile

@@ -41,6 +41,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -74,6 +75,9 @@ var (
 	ErrNotTmpfs = errors.New("store: output directory is not on tmpfs or ramfs (plaintext would reach disk; use a tmpfs mount such as /dev/shm, or --allow-non-tmpfs for development)")
 	// ErrLocked means another run holds the output directory's lock.
 	ErrLocked = errors.New("store: output directory is locked by another cai-agent run")
+	// ErrForeignFiles means a plain-directory output holds files that are not part of the
+	// model: a runtime loading the directory could pick them up, and they are not measured.
+	ErrForeignFiles = errors.New("store: output directory holds files that are not part of this model")
 )
 
 // Options tune Unpack and UnpackCCZ.
@@ -184,6 +188,52 @@ type publisher struct {
 	lock        *os.File
 	trustRecord bool
 	record      map[string]FileInfo
+}
+
+// checkNoForeign fails with ErrForeignFiles if OUT (outside its metadata directory) holds
+// anything but the directories and regular files of paths: a plain-directory model must be
+// exactly what is served. (An Ollama store is shared by many models and is not checked.)
+func (p *publisher) checkNoForeign(paths []string) error {
+	want := map[string]bool{}
+	for _, rel := range paths {
+		want[rel] = true
+		for d := path.Dir(rel); d != "."; d = path.Dir(d) {
+			want[d+"/"] = true
+		}
+	}
+	var foreign []string
+	err := fs.WalkDir(p.root.FS(), ".", func(rel string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		switch {
+		case rel == ".":
+			return nil
+		case rel == MetaDir:
+			return fs.SkipDir
+		case d.IsDir() && want[rel+"/"]:
+			return nil
+		case d.Type().IsRegular() && want[rel]:
+			return nil
+		}
+		foreign = append(foreign, rel)
+		if d.IsDir() {
+			return fs.SkipDir
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("store: %s: %w", p.out, err)
+	}
+	if len(foreign) > 0 {
+		more := ""
+		if len(foreign) > 5 {
+			more = fmt.Sprintf(" and %d more", len(foreign)-5)
+			foreign = foreign[:5]
+		}
+		return fmt.Errorf("%w: %s has %s%s; remove them or use an empty directory", ErrForeignFiles, p.out, strings.Join(foreign, ", "), more)
+	}
+	return nil
 }
 
 // begin checks OUT, takes the lock, removes stale staging and loads the publish record.

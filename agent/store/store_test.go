@@ -616,15 +616,57 @@ func TestSymlinkInOutDoesNotEscape(t *testing.T) {
 	assert.Empty(t, ents, "nothing written through the planted %s symlink", MetaDir)
 	assert.Equal(t, []string{MetaDir}, visible(t, out), "only the planted symlink")
 
-	// OUT/sub -> a directory outside OUT (the model has sub/dir/model-00002.bin).
+	// OUT/sub -> a directory outside OUT (the model has sub/dir/model-00002.bin): a plain
+	// model's OUT may hold nothing else, so the symlink is refused before anything is written.
 	out = shmDir(t)
 	require.NoError(t, os.Symlink(outside, filepath.Join(out, "sub")))
 	_, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
-	require.ErrorContains(t, err, "escapes")
+	require.ErrorIs(t, err, ErrForeignFiles)
 	ents, _ = os.ReadDir(outside)
 	assert.Empty(t, ents, "nothing written through the planted sub symlink")
 	_, err = ReadReady(out)
 	require.ErrorIs(t, err, fs.ErrNotExist)
+
+	// An Ollama store is shared with other models, so it is not checked for foreign files:
+	// there, os.Root alone keeps a planted OUT/blobs symlink from redirecting the blobs.
+	_, oenc, _ := ollamaModel(t, key, "h/n/m:t")
+	om := openModel(t, key, oenc)
+	out = shmDir(t)
+	require.NoError(t, os.Symlink(outside, filepath.Join(out, "blobs")))
+	_, err = Unpack(context.Background(), om, modelcrypt.DirSource(oenc), out, Options{})
+	require.ErrorContains(t, err, "escapes")
+	ents, _ = os.ReadDir(outside)
+	assert.Empty(t, ents, "nothing written through the planted blobs symlink")
+	_, err = ReadReady(out)
+	require.ErrorIs(t, err, fs.ErrNotExist)
+}
+
+// A plain-directory OUT must hold exactly the model: leftovers of another model (which a
+// runtime loading the directory could pick up, unmeasured) are refused before decrypting,
+// naming them; the model's own files and directories (a rerun) are fine; the Ollama store
+// is shared and not checked.
+func TestForeignFilesRefused(t *testing.T) {
+	key := newKey(t)
+	_, in := plainTree(t, testFiles)
+	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
+	m := openModel(t, key, enc)
+	out := shmDir(t)
+	require.NoError(t, os.WriteFile(filepath.Join(out, "stale-00003.safetensors"), []byte("old"), 0o644))
+	require.NoError(t, os.MkdirAll(filepath.Join(out, "sub", "olddir"), 0o755))
+	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.ErrorIs(t, err, ErrForeignFiles)
+	assert.ErrorContains(t, err, "stale-00003.safetensors")
+	assert.ErrorContains(t, err, "sub/olddir")
+	_, err = ReadReady(out)
+	require.ErrorIs(t, err, fs.ErrNotExist)
+
+	require.NoError(t, os.Remove(filepath.Join(out, "stale-00003.safetensors")))
+	require.NoError(t, os.Remove(filepath.Join(out, "sub", "olddir")))
+	_, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err, "a rerun on its own files")
+	assert.True(t, res.AlreadyPublished)
 }
 
 // OUT/.cai-agent created beforehand by someone else (another owner, or writable by others)

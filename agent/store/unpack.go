@@ -52,6 +52,15 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 		return nil, err
 	}
 	defer p.close()
+	if man.Kind != modelcrypt.KindOllama {
+		paths := make([]string, len(man.Files))
+		for i, f := range man.Files {
+			paths[i] = f.Path
+		}
+		if err := p.checkNoForeign(paths); err != nil {
+			return nil, err
+		}
+	}
 
 	skip := map[string]bool{}
 	for _, f := range man.Files {
