@@ -121,6 +121,7 @@ func (m *Model) Unlock(key []byte) error {
 		ks.zero()
 		return headerCorrupt("header/manifest authentication failed (tampered)")
 	}
+	m.Lock() // a second Unlock wipes the first one's key material
 	m.ks = ks
 	return nil
 }

@@ -66,3 +66,19 @@ func TestWrongKey(t *testing.T) {
 	require.ErrorIs(t, err, ErrLocked)
 	require.NoError(t, m.Unlock(testKey(1)))
 }
+
+// Unlocking twice keeps one copy of the key material: the first one is wiped, and Lock
+// wipes the second.
+func TestUnlockTwiceWipesFirst(t *testing.T) {
+	dir, _ := encryptTo(t, testKey(1), map[string][]byte{"f": pattern(1, 1000)}, EncryptOptions{ChunkSize: 64})
+	m, err := Open(context.Background(), DirSource(dir))
+	require.NoError(t, err)
+	require.NoError(t, m.Unlock(testKey(1)))
+	first := m.ks.prk
+	require.NoError(t, m.Unlock(testKey(1)))
+	second := m.ks.prk
+	require.Equal(t, make([]byte, len(first)), first, "the first key material is wiped")
+	require.NotEqual(t, make([]byte, len(second)), second)
+	m.Lock()
+	require.Equal(t, make([]byte, len(second)), second, "Lock wipes the second")
+}
