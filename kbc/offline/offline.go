@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"syscall"
 
 	"github.com/cai-agent/cai-agent/kbc"
 )
@@ -154,7 +155,9 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: offline: resources directory: %w", kbc.ErrConfig, err)
 	}
 	defer root.Close()
-	f, err := root.Open(rp.Repo + "/" + rp.Type + "/" + rp.Tag)
+	// O_NONBLOCK: opening a FIFO planted in the directory must not block forever (it is then
+	// refused as not a regular file); it has no effect on a regular file's reads.
+	f, err := root.OpenFile(rp.Repo+"/"+rp.Type+"/"+rp.Tag, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: offline: %s is not in %s", kbc.ErrNotFound, rp, c.dir)
 	}

@@ -4,7 +4,9 @@ import (
 	"encoding/base64"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -98,4 +100,15 @@ func TestResourcesDir(t *testing.T) {
 	require.NotContains(t, err.Error(), "outside\"")
 	_, err = c.GetResource(t.Context(), "kbs:///default/../key")
 	require.ErrorIs(t, err, kbc.ErrInvalidURI)
+
+	// A FIFO where a secret should be is refused at once, not waited on.
+	require.NoError(t, syscall.Mkfifo(filepath.Join(dir, "default", "key", "fifo"), 0o600))
+	done := make(chan error, 1)
+	go func() { _, err := c.GetResource(t.Context(), "kbs:///default/key/fifo"); done <- err }()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, kbc.ErrNotFound)
+	case <-time.After(30 * time.Second): // a hang, not a timing assertion
+		t.Fatal("GetResource blocked opening a FIFO")
+	}
 }
