@@ -138,6 +138,9 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o755); err != nil {
 		return nil, fmt.Errorf("evidence: state directory: %w", err)
 	}
+	if err := secureStateDir(opts.StateDir); err != nil {
+		return nil, err
+	}
 	lf, err := openStateFile(filepath.Join(opts.StateDir, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("evidence: state directory lock: %w", err)
@@ -154,6 +157,34 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// secureStateDir makes sure nobody else can write the state directory: whoever can could
+// replace the log or the write-ahead record (symlinks are never followed, but files can be
+// forged or removed). A directory this process owns is tightened (a Kubernetes emptyDir is
+// created 0777); a shared one (sticky, like /tmp) or someone else's, writable by others, is
+// refused.
+func secureStateDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("evidence: state directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("evidence: state directory %s is not a directory", dir)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || fi.Mode().Perm()&0o022 == 0 {
+		return nil
+	}
+	if int(st.Uid) != os.Geteuid() || fi.Mode()&os.ModeSticky != 0 {
+		// Someone else's, or a shared directory such as /tmp: not ours to change.
+		return fmt.Errorf("evidence: state directory %s (mode %v, owner uid %d) is writable by others; use a directory only this user (uid %d) can write", dir, fi.Mode().Perm(), st.Uid, os.Geteuid())
+	}
+	if err := os.Chmod(dir, fi.Mode().Perm()&^0o022); err != nil {
+		return fmt.Errorf("evidence: state directory: %w", err)
+	}
+	slog.Info("state directory was writable by others; permissions tightened", "dir", dir, "mode", fi.Mode().Perm()&^0o022)
+	return nil
 }
 
 // Platform is the Attester and Measurer the other packages take.

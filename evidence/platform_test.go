@@ -611,3 +611,36 @@ func TestQuoteRTMRsHostileQuote(t *testing.T) {
 	_, err = QuoteRTMRs([]byte(quote))
 	require.Error(t, err)
 }
+
+// A state directory others can write is tightened when this process owns it (an emptyDir is
+// 0777) and refused when it is shared (sticky, like /tmp) or someone else's.
+func TestStateDirPermissions(t *testing.T) {
+	own := filepath.Join(t.TempDir(), "state")
+	require.NoError(t, os.Mkdir(own, 0o755))
+	require.NoError(t, os.Chmod(own, 0o777))
+	p, err := Open(context.Background(), Options{TEE: TEESample, StateDir: own})
+	require.NoError(t, err)
+	p.Close()
+	fi, err := os.Stat(own)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o755), fi.Mode().Perm())
+
+	shared := filepath.Join(t.TempDir(), "shared")
+	require.NoError(t, os.Mkdir(shared, 0o755))
+	require.NoError(t, os.Chmod(shared, 0o777|os.ModeSticky))
+	_, err = Open(context.Background(), Options{TEE: TEESample, StateDir: shared})
+	require.ErrorContains(t, err, "writable by others")
+	fi, err = os.Stat(shared)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o777), fi.Mode().Perm(), "left as it was")
+
+	if os.Geteuid() != 0 {
+		return // chown needs root
+	}
+	foreign := filepath.Join(t.TempDir(), "foreign")
+	require.NoError(t, os.Mkdir(foreign, 0o755))
+	require.NoError(t, os.Chmod(foreign, 0o777))
+	require.NoError(t, os.Chown(foreign, 65534, 65534))
+	_, err = Open(context.Background(), Options{TEE: TEESample, StateDir: foreign})
+	require.ErrorContains(t, err, "writable by others")
+}
