@@ -23,7 +23,7 @@
 //     publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its rename
 //     (path, size, plaintext SHA-256), preceded by an invalidating line before a file is
 //     replaced; the last line per path wins. On tmpfs (TD-private memory, written only by us)
-//     the record plus a size check establishes "identical" for files over 1 MiB (files up to
+//     the record plus a size, inode and ctime check establishes "identical" for files over 1 MiB (files up to
 //     1 MiB, such as manifests, are always re-hashed: it is free); on other file systems
 //     (AllowNonTmpfs) the record is not trusted and existing files are re-hashed.
 //   - OUT/.cai-agent/ready.json (model name, kind, manifest digests, files) is written after
@@ -153,6 +153,20 @@ type FileInfo struct {
 	Path   string `json:"path"`
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"` // hex; "" in the record marks a file being replaced
+	// Ino and CtimeNS (publish record only) identify the published inode and its last status
+	// change: any later write, truncation or replacement changes one of them, so a file
+	// modified after publishing is re-hashed instead of trusted.
+	Ino     uint64 `json:"ino,omitempty"`
+	CtimeNS int64  `json:"ctime_ns,omitempty"`
+}
+
+// inodeStamp returns the inode number and ctime (ns) of fi, or zeros.
+func inodeStamp(fi os.FileInfo) (uint64, int64) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, 0
+	}
+	return st.Ino, st.Ctim.Nano()
 }
 
 // Ready is the content of OUT/.cai-agent/ready.json.
@@ -434,8 +448,12 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 		return false
 	}
 	hexSum := hex.EncodeToString(sum[:])
-	if p.trustRecord && size > rehashBelow {
-		return p.record[rel].SHA256 == hexSum && p.record[rel].Size == size
+	if r := p.record[rel]; p.trustRecord && size > rehashBelow && r.Ino != 0 {
+		ino, ctime := inodeStamp(st)
+		if r.SHA256 == hexSum && r.Size == size && r.Ino == ino && r.CtimeNS == ctime {
+			return true
+		}
+		// Changed since published (or another model's digest): re-hash below.
 	}
 	f, err := p.root.OpenFile(dst, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
@@ -517,7 +535,11 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 		if testHookRenamed != nil {
 			testHookRenamed(f.rel)
 		}
-		if err := p.appendRecord(FileInfo{Path: f.rel, Size: f.size, SHA256: hex.EncodeToString(f.sum[:])}); err != nil {
+		fi := FileInfo{Path: f.rel, Size: f.size, SHA256: hex.EncodeToString(f.sum[:])}
+		if st, err := p.root.Lstat(dst); err == nil {
+			fi.Ino, fi.CtimeNS = inodeStamp(st)
+		}
+		if err := p.appendRecord(fi); err != nil {
 			return fmt.Errorf("store: record: %w", err)
 		}
 	}

@@ -575,22 +575,62 @@ func TestRecordTrust(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
 
-	// Record trusted: the big file is skipped without reading it (we overwrite its content
-	// with zeros of the same size to prove it is not re-hashed); the small one is re-hashed.
-	big := filepath.Join(out, "big.bin")
-	require.NoError(t, os.WriteFile(big, make([]byte, len(files["big.bin"])), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(out, "small.json"), []byte(`[]`), 0o644))
+	// Untouched: both skipped (the big one from the record: size, inode and ctime match).
 	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
-	assert.Equal(t, 1, res.Skipped, "big.bin trusted from the record")
-	assert.Equal(t, 1, res.Files, "small.json re-hashed and replaced")
-
-	// Invalidated in the record (crash between rename and record): decrypted again.
+	assert.Equal(t, 2, res.Skipped)
+	assert.Equal(t, 0, res.Files)
 	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
-	p, err := begin(out, Options{})
+
+	// Overwritten in place with the same size after publishing: its ctime moved, so the record
+	// is not trusted, the file is re-hashed and replaced. (Rewritten until the file system's
+	// coarse ctime clock ticks, so that the change is visible in ctime at all.)
+	big := filepath.Join(out, "big.bin")
+	before, err := os.Stat(big)
 	require.NoError(t, err)
-	require.NoError(t, p.appendRecord(FileInfo{Path: "big.bin"}))
-	p.close()
+	_, ctime0 := inodeStamp(before)
+	for {
+		require.NoError(t, os.WriteFile(big, make([]byte, len(files["big.bin"])), 0o644))
+		st, err := os.Stat(big)
+		require.NoError(t, err)
+		if _, c := inodeStamp(st); c != ctime0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(out, "small.json"), []byte(`[]`), 0o644))
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 0, res.Skipped)
+	assert.Equal(t, 2, res.Files, "both re-hashed and replaced")
+	requireTree(t, out, files)
+
+	// Replaced by another inode of the same size: re-hashed and replaced too.
+	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
+	require.NoError(t, os.WriteFile(big+".new", make([]byte, len(files["big.bin"])), 0o644))
+	require.NoError(t, os.Rename(big+".new", big))
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, res.Files)
+	requireTree(t, out, files)
+
+	// Invalidated in the record (crash between the invalidating line and the rename): never
+	// trusted, so re-hashed — a genuine file is kept, a changed one (even within one tick of
+	// the ctime clock) is replaced.
+	invalidate := func() {
+		require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
+		p, err := begin(out, Options{})
+		require.NoError(t, err)
+		require.NoError(t, p.appendRecord(FileInfo{Path: "big.bin"}))
+		p.close()
+	}
+	invalidate()
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 0, res.Files)
+	assert.Equal(t, 2, res.Skipped)
+	invalidate()
+	require.NoError(t, os.WriteFile(big, make([]byte, len(files["big.bin"])), 0o644))
 	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
 	assert.Equal(t, 1, res.Files)
