@@ -11,7 +11,8 @@ import (
 // positionalArgs returns the positional arguments of c, applying to c any flags that follow
 // them: urfave/cli stops parsing flags at the first positional argument, but the documented
 // forms put flags after it (`quote inspect FILE --json`, `measure --file A B --json`).
-// Everything after "--" is positional.
+// Everything after "--" is positional. A --help among them shows the command's help, and
+// the returned error then ends the command with exit 0.
 func positionalArgs(c *cli.Context) ([]string, error) {
 	var pos []string
 	rest := c.Args().Slice()
@@ -50,6 +51,13 @@ func positionalArgs(c *cli.Context) ([]string, error) {
 		})
 		if setErr != nil {
 			return nil, setErr
+		}
+		if help := fs.Lookup("help"); help != nil && help.Value.String() == "true" {
+			// `CMD FILE --help`: the help, as before FILE.
+			if err := cli.ShowCommandHelp(c.Lineage()[1], c.Command.Name); err != nil {
+				return nil, err
+			}
+			return nil, cli.Exit("", ExitOK)
 		}
 		rest = fs.Args()
 	}
