@@ -385,14 +385,9 @@ func TestExtendErrorAfterEffect(t *testing.T) {
 // Another writer extending RTMR3 while a measurement is pending cannot be reconciled.
 func TestRecoveryInconsistent(t *testing.T) {
 	e := newEnv(t)
-	p, err := Open(context.Background(), e.opts(TEETDX))
-	require.NoError(t, err)
-	p.hook = crashAt("wal", false)
-	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
-	require.ErrorIs(t, err, errCrash)
-	p.Close()
+	crashAfterWAL(t, e)
 	e.k.SetRTMR(3, sha512.Sum384([]byte("someone else")))
-	_, err = Open(context.Background(), e.opts(TEETDX))
+	_, err := Open(context.Background(), e.opts(TEETDX))
 	require.ErrorIs(t, err, ErrInconsistent)
 
 	// A corrupt write-ahead record is refused too.
@@ -643,4 +638,16 @@ func TestStateDirPermissions(t *testing.T) {
 	require.NoError(t, os.Chown(foreign, 65534, 65534))
 	_, err = Open(context.Background(), Options{TEE: TEESample, StateDir: foreign})
 	require.ErrorContains(t, err, "writable by others")
+}
+
+// crashAfterWAL leaves a pending measurement in e's state directory: the write-ahead
+// record is written, then the process "crashes" before RTMR3 is extended.
+func crashAfterWAL(t *testing.T, e *env) {
+	t.Helper()
+	p, err := Open(context.Background(), e.opts(TEETDX))
+	require.NoError(t, err)
+	p.hook = crashAt("wal", false)
+	_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.ErrorIs(t, err, errCrash)
+	p.Close()
 }

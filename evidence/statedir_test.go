@@ -38,12 +38,7 @@ func TestStateDirSymlinksNotFollowed(t *testing.T) {
 
 	t.Run("truncation by a planted write-ahead record", func(t *testing.T) {
 		e := newEnv(t)
-		p, err := Open(context.Background(), e.opts(TEETDX))
-		require.NoError(t, err)
-		p.hook = crashAt("wal", false)
-		_, err = p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
-		require.ErrorIs(t, err, errCrash)
-		p.Close()
+		crashAfterWAL(t, e)
 		// The pending record says "cut the log back to offset 0"; the log is now a symlink.
 		victim := filepath.Join(victimDir, "shadow")
 		require.NoError(t, os.WriteFile(victim, victimContent, 0o644))
@@ -51,7 +46,7 @@ func TestStateDirSymlinksNotFollowed(t *testing.T) {
 		os.Remove(logPath)
 		require.NoError(t, os.Symlink(victim, logPath))
 
-		_, err = Open(context.Background(), e.opts(TEETDX))
+		_, err := Open(context.Background(), e.opts(TEETDX))
 		require.Error(t, err)
 		got, err := os.ReadFile(victim)
 		require.NoError(t, err)
