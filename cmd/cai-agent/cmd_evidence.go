@@ -102,8 +102,17 @@ var evidenceExitCodes = []exitMapping{
 // maxInputLog bounds event log and quote files read by these commands.
 const maxInputLog = 64 << 20
 
+// platformHook, set only by tests, adjusts the evidence options of every command (it points
+// --tee tdx at go-configfs-tsm's faketsm, a fake kernel and a fake firmware root).
+var platformHook func(*evidence.Options)
+
+// openPlatform opens the evidence runtime chosen by the global --tee and --state-dir.
 func openPlatform(c *cli.Context) (*evidence.Platform, error) {
-	return evidence.Open(c.Context, evidence.Options{TEE: c.String("tee"), StateDir: c.String("state-dir")})
+	o := evidence.Options{TEE: c.String("tee"), StateDir: c.String("state-dir")}
+	if platformHook != nil {
+		platformHook(&o)
+	}
+	return evidence.Open(c.Context, o)
 }
 
 func noArgs(c *cli.Context) error {

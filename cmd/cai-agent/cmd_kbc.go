@@ -41,19 +41,23 @@ func kbcCommands() []*cli.Command {
 			Action: getResourceAction,
 		},
 		{
-			Name:      "dev-kbs",
-			Usage:     "run a DEVELOPMENT-ONLY Trustee (RCAR 0.4.0) key broker on loopback",
-			UsageText: "cai-agent dev-kbs [--listen 127.0.0.1:8080] --resource kbs:///repo/type/tag=@FILE [--resource …] [--addr-file FILE]",
+			Name:  "dev-kbs",
+			Usage: "run a DEVELOPMENT-ONLY key broker on loopback: Trustee (RCAR 0.4.0) or Intel Trust Authority KBS v1",
+			UsageText: "cai-agent dev-kbs [--kbc trustee] [--listen 127.0.0.1:8080] --resource kbs:///repo/type/tag=@FILE [--resource …] [--addr-file FILE]\n" +
+				"cai-agent dev-kbs --kbc ita [--listen 127.0.0.1:8080] --resource KEY-UUID=@FILE [--resource …] [--require-nonce] [--addr-file FILE]",
 			Description: "Serves the given resources over plain HTTP to any client presenting sample or TDX evidence whose\n" +
-				"REPORTDATA binds the session nonce and TEE key. Quote signatures are NOT verified: this proves\n" +
-				"nothing and must never hold a real secret. Stops on SIGINT/SIGTERM.",
+				"REPORTDATA binds the session nonce and TEE key (trustee) or the nonce and user_data (ita).\n" +
+				"Quote signatures are NOT verified: this proves nothing and must never hold a real secret.\n" +
+				"Stops on SIGINT/SIGTERM.",
 			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "kbc", Usage: "protocol to serve: trustee (RCAR, kbs:///repo/type/tag resources) or ita (key transfer, UUID keys)", Value: "trustee"},
 				&cli.StringFlag{Name: "listen", Usage: "address to listen on (port 0 picks a free port)", Value: "127.0.0.1:8080"},
-				&cli.StringSliceFlag{Name: "resource", Usage: "serve FILE's bytes as `URI=@FILE` (repeatable)", Required: true},
+				&cli.StringSliceFlag{Name: "resource", Usage: "serve FILE's bytes as `URI=@FILE` (repeatable; ita: KEY-UUID=@FILE or ita:///keys/KEY-UUID=@FILE)", Required: true},
 				&cli.StringFlag{Name: "addr-file", Usage: "write the bound host:port to `FILE` once listening (atomically)"},
 				&cli.BoolFlag{Name: "allow-remote", Usage: "allow a non-loopback --listen address"},
-				&cli.StringFlag{Name: "kbs-version", Usage: "RCAR protocol version to demand", Value: kbstest.TrusteeVersion},
-				&cli.DurationFlag{Name: "session-timeout", Usage: "session lifetime", Value: 5 * time.Minute},
+				&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to demand", Value: kbstest.TrusteeVersion},
+				&cli.DurationFlag{Name: "session-timeout", Usage: "trustee: session lifetime", Value: 5 * time.Minute},
+				&cli.BoolFlag{Name: "require-nonce", Usage: "ita: refuse evidence that does not bind a nonce this server issued (as a key-transfer policy can)"},
 			},
 			Action: devKBSAction,
 		},
@@ -146,7 +150,7 @@ func getResourceAction(c *cli.Context) error {
 	}
 	var attester evidence.Attester
 	if needsAttester(c) && c.String("kbs-url") != "" {
-		p, err := evidence.Open(c.Context, evidence.Options{TEE: c.String("tee"), StateDir: c.String("state-dir")})
+		p, err := openPlatform(c)
 		if err != nil {
 			return err
 		}
@@ -213,10 +217,46 @@ func devKBSAction(c *cli.Context) error {
 	if !isLoopback(host) && !c.Bool("allow-remote") {
 		return usagef("dev-kbs: --listen %q is not a loopback address; refusing without --allow-remote", listen)
 	}
-	srv := kbstest.NewTrustee()
-	srv.Version = c.String("kbs-version")
-	srv.SessionTimeout = c.Duration("session-timeout")
-	srv.Log = slog.Default()
+	kind := c.String("kbc")
+	for _, f := range []struct{ name, kbc string }{{"kbs-version", "trustee"}, {"session-timeout", "trustee"}, {"require-nonce", "ita"}} {
+		if c.IsSet(f.name) && kind != f.kbc {
+			return usagef("dev-kbs: --%s is for --kbc %s", f.name, f.kbc)
+		}
+	}
+	var (
+		handler   http.Handler
+		set       func(uri string, b []byte) error
+		resources func() []string
+		banner    string
+		try       string
+	)
+	switch kind {
+	case "trustee":
+		srv := kbstest.NewTrustee()
+		srv.Version = c.String("kbs-version")
+		srv.SessionTimeout = c.Duration("session-timeout")
+		srv.Log = slog.Default()
+		handler, set, resources = srv, srv.SetResource, srv.Resources
+		banner, try = "Trustee KBS, RCAR "+srv.Version, "--tee sample get-resource --kbc trustee"
+	case "ita":
+		srv := kbstest.NewITA()
+		srv.RequireNonce = c.Bool("require-nonce")
+		srv.Log = slog.Default()
+		var ids []string
+		handler, resources = srv, func() []string { return ids }
+		set = func(uri string, b []byte) error {
+			id, err := ita.ParseKeyID(uri)
+			if err != nil {
+				return err
+			}
+			ids = append(ids, id)
+			return srv.SetKey(id, b)
+		}
+		// The ITA client wants TDX evidence (the real service appraises TDX quotes only).
+		banner, try = "Intel Trust Authority KBS v1 key transfer", "--tee tdx get-resource --kbc ita --ita-nonce"
+	default:
+		return usagef("dev-kbs: --kbc must be trustee or ita, not %q", kind)
+	}
 	for _, spec := range c.StringSlice("resource") {
 		uri, file, ok := strings.Cut(spec, "=@")
 		if !ok {
@@ -226,10 +266,11 @@ func devKBSAction(c *cli.Context) error {
 		if err != nil {
 			return usagef("dev-kbs: --resource %s: %v", uri, err)
 		}
-		if err := srv.SetResource(uri, b); err != nil {
+		err = set(uri, b)
+		clear(b)
+		if err != nil {
 			return usagef("dev-kbs: --resource: %v", err)
 		}
-		clear(b)
 	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
@@ -238,8 +279,8 @@ func devKBSAction(c *cli.Context) error {
 	defer ln.Close()
 	addr := ln.Addr().String()
 	fmt.Fprint(c.App.ErrWriter, devBanner)
-	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (RCAR %s); resources: %s\n", addr, srv.Version, strings.Join(srv.Resources(), " "))
-	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent --tee sample get-resource --kbc trustee --kbs-url http://%s --insecure-http --resource URI --out FILE\n", addr)
+	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (%s); resources: %s\n", addr, banner, strings.Join(resources(), " "))
+	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent %s --kbs-url http://%s --insecure-http --resource URI --out FILE\n", try, addr)
 	if f := c.String("addr-file"); f != "" {
 		tmp := filepath.Join(filepath.Dir(f), "."+filepath.Base(f)+".tmp")
 		if err := os.WriteFile(tmp, []byte(addr+"\n"), 0o644); err != nil {
@@ -249,7 +290,7 @@ func devKBSAction(c *cli.Context) error {
 			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
 		}
 	}
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, WriteTimeout: time.Minute}
+	hs := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, WriteTimeout: time.Minute}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
