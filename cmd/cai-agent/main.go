@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"syscall"
@@ -71,7 +72,7 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
 	app := &cli.App{
 		Name:                 "cai-agent",
 		Usage:                "attestation agent and model decryptor for confidential AI inference in Intel TDX",
-		Version:              version,
+		Version:              appVersion(),
 		Reader:               stdin,
 		Writer:               stdout,
 		ErrWriter:            stderr,
@@ -138,8 +139,36 @@ func setUsageErrorHandler(cmd *cli.Command) {
 	}
 }
 
-// version is set at build time with -ldflags "-X main.version=…".
+// version is set at build time with -ldflags "-X main.version=…" (make build: git describe).
 var version = "dev"
+
+// appVersion is version, or else what the Go toolchain recorded: the module version of
+// `go install …/cmd/cai-agent@v1.2.3`, or the VCS revision of a local `go build`.
+func appVersion() string {
+	if version != "dev" {
+		return version
+	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return version
+	}
+	if v := bi.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	var rev, dirty string
+	for _, s := range bi.Settings {
+		switch {
+		case s.Key == "vcs.revision" && len(s.Value) >= 12:
+			rev = s.Value[:12]
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "-dirty"
+		}
+	}
+	if rev == "" {
+		return version
+	}
+	return "dev-" + rev + dirty
+}
 
 func setupLogging(c *cli.Context, stderr io.Writer) error {
 	var level slog.Level
