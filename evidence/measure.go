@@ -71,6 +71,13 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 		if err != nil {
 			return fmt.Errorf("%w: event log: %w", ErrMeasure, err)
 		}
+		// A record appended to a log that does not parse could never be read back: refuse
+		// while RTMR3 still matches what verifiers can replay.
+		if off > 0 {
+			if _, err := readOwnLog(logPath); err != nil {
+				return fmt.Errorf("%w: %s: %w; refusing to extend RTMR3 past it", ErrEventLog, logPath, err)
+			}
+		}
 		newV := rtmr.ExtendValue(old, d)
 		w := walRecord{Version: 1, Offset: off, Old: hex.EncodeToString(old[:]), New: hex.EncodeToString(newV[:]), Record: rec}
 		if err := p.writeWAL(w); err != nil {
@@ -258,13 +265,9 @@ func (p *Platform) checkFreshLocked() error {
 // warnIfUnreplayable logs a warning when the agent's records do not fold to RTMR3: something
 // else extended RTMR3 without logging it here, and verifiers replaying the log will refuse it.
 func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
-	b, err := readStateFile(logPath)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return
-	}
-	l, err := tcg.Walk(b)
-	if err == nil && (l.HeaderEnd != 0 || l.End != len(b)) {
-		err = errors.New("not a plain sequence of records")
+	l, err := readOwnLog(logPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		l, err = &tcg.Log{}, nil // no record yet
 	}
 	if err != nil {
 		slog.Warn("the event log is malformed", "log", logPath, "err", err)
@@ -282,6 +285,23 @@ func (p *Platform) warnIfUnreplayable(logPath string, cur [48]byte) {
 		slog.Warn("RTMR3 does not replay from the agent's event log: another process extends RTMR3 without logging here; verifiers will refuse this evidence",
 			"log", logPath, "rtmr3", hex.EncodeToString(cur[:]), "replayed", hex.EncodeToString(acc[:]))
 	}
+}
+
+// readOwnLog reads and parses the agent's own log: TCG2 records only (no Spec ID header),
+// exactly to its end. A missing log is fs.ErrNotExist.
+func readOwnLog(path string) (*tcg.Log, error) {
+	b, err := readStateFile(path)
+	if err != nil {
+		return nil, err
+	}
+	l, err := tcg.Walk(b)
+	if err != nil {
+		return nil, fmt.Errorf("malformed: %w", err)
+	}
+	if l.HeaderEnd != 0 || l.End != len(b) {
+		return nil, errors.New("malformed: not a plain sequence of records")
+	}
+	return l, nil
 }
 
 // writeLogAt makes the log exactly its first off bytes followed by rec, and syncs it.

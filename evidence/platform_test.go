@@ -426,6 +426,27 @@ func TestCorruptOwnLog(t *testing.T) {
 	require.ErrorIs(t, err, ErrEventLog)
 }
 
+// Nor is RTMR3 extended past a corrupt own log: a record appended after the garbage would be
+// unreadable too, and RTMR3 would hold a measurement no verifier can ever replay.
+func TestMeasureRefusesCorruptOwnLog(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
+	require.NoError(t, err)
+	f, err := os.OpenFile(filepath.Join(e.state, EventLogFile), os.O_WRONLY|os.O_APPEND, 0)
+	require.NoError(t, err)
+	f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9})
+	f.Close()
+	before := e.k.RTMR(3)
+	extends := e.k.Extends()
+	_, err = p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Test", Content: "y"})
+	require.ErrorIs(t, err, ErrEventLog)
+	assert.Equal(t, before, e.k.RTMR(3))
+	assert.Equal(t, extends, e.k.Extends())
+	_, err = os.Stat(filepath.Join(e.state, WALFile))
+	assert.ErrorIs(t, err, fs.ErrNotExist)
+}
+
 func TestSampleTEE(t *testing.T) {
 	e := newEnv(t)
 	p := e.open(t, TEESample)
