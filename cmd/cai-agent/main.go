@@ -37,8 +37,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return ExitOK
 	}
 	var ec cli.ExitCoder
-	if errors.As(err, &ec) && ec.ExitCode() == ExitOK {
-		return ExitOK
+	if errors.As(err, &ec) {
+		if ec.ExitCode() == ExitOK {
+			return ExitOK
+		}
+		// Only urfave/cli's help returns other exit coders: `help NO-SUCH-COMMAND`.
+		fmt.Fprintf(stderr, "cai-agent: %v\n", err)
+		return ExitUsage
 	}
 	fmt.Fprintf(stderr, "cai-agent: %v\n", err)
 	return exitCode(err)
@@ -115,6 +120,12 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
 		},
 		// Errors are printed by run, once.
 		ExitErrHandler: func(*cli.Context, error) {},
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return usagef("unknown command %q (see --help)", c.Args().First())
+			}
+			return cli.ShowAppHelp(c)
+		},
 	}
 	for _, cmds := range [][]*cli.Command{
 		cryptoCommands(),
@@ -127,16 +138,58 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
 		app.Commands = append(app.Commands, cmds...)
 	}
 	for _, cmd := range app.Commands {
-		setUsageErrorHandler(cmd)
+		prepareCommand(cmd)
 	}
 	return app
 }
 
-func setUsageErrorHandler(cmd *cli.Command) {
+// prepareCommand makes every command line mistake of cmd and its subcommands a usage error
+// (exit 2) with nothing on stdout: bad flags, missing required flags (urfave/cli would print
+// the whole help on stdout and exit 1) and unknown subcommands.
+func prepareCommand(cmd *cli.Command) {
 	cmd.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
-	for _, sub := range cmd.Subcommands {
-		setUsageErrorHandler(sub)
+	var required []string
+	for _, f := range cmd.Flags {
+		switch f := f.(type) {
+		case *cli.StringFlag:
+			if f.Required {
+				f.Required, required = false, append(required, f.Name)
+			}
+		case *cli.StringSliceFlag:
+			if f.Required {
+				f.Required, required = false, append(required, f.Name)
+			}
+		}
 	}
+	if len(cmd.Subcommands) > 0 && cmd.Action == nil {
+		cmd.Action = groupAction
+	}
+	if action := cmd.Action; len(required) > 0 && action != nil {
+		cmd.Action = func(c *cli.Context) error {
+			var missing []string
+			for _, name := range required {
+				if !c.IsSet(name) {
+					missing = append(missing, "--"+name)
+				}
+			}
+			if len(missing) > 0 {
+				return usagef("%s: missing required flag %s", c.Command.FullName(), strings.Join(missing, ", "))
+			}
+			return action(c)
+		}
+	}
+	for _, sub := range cmd.Subcommands {
+		prepareCommand(sub)
+	}
+}
+
+// groupAction runs for a command group when no subcommand matched: its help when there are
+// no arguments, otherwise an unknown-command usage error.
+func groupAction(c *cli.Context) error {
+	if c.Args().Present() {
+		return usagef("%s: unknown command %q (see --help)", c.Command.FullName(), c.Args().First())
+	}
+	return cli.ShowSubcommandHelp(c)
 }
 
 // version is set at build time with -ldflags "-X main.version=…" (make build: git describe).
