@@ -48,7 +48,7 @@ func cryptoCommands() []*cli.Command {
 				&cli.StringFlag{Name: "in", Usage: "file or directory to encrypt (with --ollama-model: the Ollama models directory, OLLAMA_MODELS)"},
 				&cli.StringFlag{Name: "out", Usage: "encrypted model directory to create (must not exist or be empty)"},
 				&cli.StringFlag{Name: "chunk-size", Usage: "plaintext bytes per chunk (e.g. 1MiB)", Value: "1MiB"},
-				&cli.StringFlag{Name: "shard-size", Usage: "plaintext bytes per shard, a multiple of the chunk size (e.g. 2GiB)", Value: "2GiB"},
+				&cli.StringFlag{Name: "shard-size", Usage: "plaintext bytes per shard, a multiple of the chunk size (default: 2GiB rounded down to a multiple of it)"},
 				&cli.StringFlag{Name: "key-hint", Usage: "public hint where the key lives, e.g. kbs:///default/model-key/tiny (not secret, not authenticated)"},
 				&cli.StringFlag{Name: "ollama-model", Usage: "encrypt exactly this model (NAME[:TAG]) of the Ollama store given by --in"},
 			),
@@ -81,6 +81,7 @@ func cryptoCommands() []*cli.Command {
 }
 
 var cryptoExitCodes = []exitMapping{
+	{modelcrypt.ErrInvalidOptions, ExitUsage},
 	{modelcrypt.ErrWrongKey, ExitWrongKey},
 	{modelcrypt.ErrCorrupt, ExitCorrupt},
 	{ccz.ErrAuth, ExitCorrupt},
@@ -158,6 +159,9 @@ func loadKey(c *cli.Context) ([]byte, error) {
 }
 
 func cmdKeygen(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	if err := requireFlags(c, "out"); err != nil {
 		return err
 	}
@@ -266,6 +270,9 @@ func inputFiles(src string) ([]modelcrypt.InputFile, error) {
 }
 
 func cmdEncrypt(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	if err := requireFlags(c, "in", "out"); err != nil {
 		return err
 	}
@@ -273,15 +280,18 @@ func cmdEncrypt(c *cli.Context) error {
 	if err != nil {
 		return usagef("--chunk-size: %v", err)
 	}
-	shard, err := parseSize(c.String("shard-size"))
-	if err != nil {
-		return usagef("--shard-size: %v", err)
-	}
 	if chunk > modelcrypt.MaxChunkSize || chunk < modelcrypt.MinChunkSize {
 		return usagef("--chunk-size must be between %d and %d bytes", modelcrypt.MinChunkSize, modelcrypt.MaxChunkSize)
 	}
-	if shard%chunk != 0 {
-		return usagef("--shard-size (%d) must be a multiple of --chunk-size (%d)", shard, chunk)
+	// Unset: the library's default (2 GiB, rounded down to a multiple of the chunk size).
+	var shard int64
+	if c.IsSet("shard-size") {
+		if shard, err = parseSize(c.String("shard-size")); err != nil {
+			return usagef("--shard-size: %v", err)
+		}
+		if shard < chunk || shard%chunk != 0 || shard/chunk > modelcrypt.MaxChunksPerShard {
+			return usagef("--shard-size (%d) must be a multiple of --chunk-size (%d), at most %d chunks", shard, chunk, int64(modelcrypt.MaxChunksPerShard))
+		}
 	}
 	key, err := loadKey(c)
 	if err != nil {
@@ -348,6 +358,9 @@ func openInput(c *cli.Context, in string) (*modelcrypt.Model, bool, error) {
 }
 
 func cmdDecrypt(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	if err := requireFlags(c, "in", "out"); err != nil {
 		return err
 	}
@@ -488,6 +501,9 @@ type inspectShard struct {
 }
 
 func cmdInspect(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	if err := requireFlags(c, "in"); err != nil {
 		return err
 	}

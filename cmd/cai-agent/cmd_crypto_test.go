@@ -101,3 +101,17 @@ func TestDecryptVectors(t *testing.T) {
 		})
 	}
 }
+
+// A key hint over the format's limit is a usage error (2) and writes nothing.
+func TestEncryptKeyHintTooLong(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o600))
+	code, _, stderr := runCLI(t, "keygen", "--out", filepath.Join(dir, "k"))
+	require.Equal(t, ExitOK, code, stderr)
+	code, stdout, stderr := runCLI(t, "encrypt", "--key-file", filepath.Join(dir, "k"), "--in", filepath.Join(dir, "f"),
+		"--out", filepath.Join(dir, "enc"), "--key-hint", "kbs:///"+strings.Repeat("a", 3000))
+	require.Equal(t, ExitUsage, code, stderr)
+	require.Contains(t, stderr, "key hint must be printable UTF-8 of at most 2048 bytes")
+	require.Empty(t, stdout)
+	require.NoDirExists(t, filepath.Join(dir, "enc"))
+}

@@ -58,10 +58,10 @@ func Encrypt(ctx context.Context, key []byte, files []InputFile, dst string, opt
 		}
 	}
 	if len(opts.KeyHint) > MaxKeyHintSize || !validHint(opts.KeyHint) {
-		return nil, fmt.Errorf("modelcrypt: key hint must be printable UTF-8 of at most %d bytes", MaxKeyHintSize)
+		return nil, fmt.Errorf("%w: key hint must be printable UTF-8 of at most %d bytes", ErrInvalidOptions, MaxKeyHintSize)
 	}
 	if err := checkSizes(man.ChunkSize, man.ShardSize); err != nil {
-		return nil, fmt.Errorf("modelcrypt: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)
 	}
 	// Plan: sort by path (the canonical manifest order), stat every input, lay out shards,
 	// name objects.

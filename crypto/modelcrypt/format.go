@@ -493,7 +493,7 @@ func SetKeyHint(hdr []byte, keyHint string) ([]byte, error) {
 		return nil, err
 	}
 	if len(keyHint) > MaxKeyHintSize || !validHint(keyHint) {
-		return nil, fmt.Errorf("modelcrypt: key hint must be printable UTF-8 of at most %d bytes", MaxKeyHintSize)
+		return nil, fmt.Errorf("%w: key hint must be printable UTF-8 of at most %d bytes", ErrInvalidOptions, MaxKeyHintSize)
 	}
 	out := append([]byte(nil), h.raw...)
 	out = binary.BigEndian.AppendUint16(out, uint16(len(keyHint)))

@@ -69,6 +69,9 @@ var (
 	ErrNotModel = errors.New("modelcrypt: not a cai-agent encrypted model")
 	// ErrLocked is returned by operations that need the key before Unlock succeeded.
 	ErrLocked = errors.New("modelcrypt: model is locked (call Unlock first)")
+	// ErrInvalidOptions means encryption options are outside the format's limits (chunk and
+	// shard sizes, key hint): the caller's mistake, nothing was written.
+	ErrInvalidOptions = errors.New("modelcrypt: invalid options")
 )
 
 // CorruptError describes where corruption was detected. errors.Is(err, ErrCorrupt) holds.
