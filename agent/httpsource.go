@@ -36,8 +36,9 @@ type HTTPOptions struct {
 	// Backoff is the first retry's delay, doubled each time up to 8 s; 0 = 250 ms.
 	Backoff time.Duration
 	// Header is sent with every request, e.g. "Authorization: Bearer …" for a private model
-	// hub or bucket. Go's client drops Authorization and Cookie on a redirect to another host
-	// (a hub's CDN), so the credential reaches only the host of the base URL. Header values
+	// hub or bucket. A redirect to another origin (scheme, host and port; a hub's CDN, also a
+	// subdomain) gets none of it, and no redirect gets a Referer (it would repeat the base
+	// URL's query), so the credentials reach only the origin of the base URL. Header values
 	// are never logged nor put in errors.
 	Header http.Header
 }
@@ -113,7 +114,34 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 		}
 		s.client = &http.Client{Transport: tr}
 	}
+	c := *s.client // the caller's client is not modified
+	c.CheckRedirect = s.checkRedirect(c.CheckRedirect)
+	s.client = &c
 	return s, nil
+}
+
+// checkRedirect wraps a client's redirect policy (nil = Go's default of 10 redirects) so that
+// the base URL's credentials stay at its origin: Go's client would forward Authorization to
+// the same host name on another port, to subdomains and over http://, every other header
+// anywhere, and the previous URL with its query (a SAS) as the Referer.
+func (s *HTTPSource) checkRedirect(next func(*http.Request, []*http.Request) error) func(*http.Request, []*http.Request) error {
+	return func(req *http.Request, via []*http.Request) error {
+		if next != nil {
+			if err := next(req, via); err != nil {
+				return err
+			}
+		} else if len(via) >= 10 {
+			return errors.New("stopped after 10 redirects")
+		}
+		req.Header.Del("Referer")
+		if req.URL.Scheme != s.base.Scheme || !strings.EqualFold(req.URL.Host, s.base.Host) {
+			for k := range s.header {
+				delete(req.Header, k) // as given (Go copies keys as they are)
+				req.Header.Del(k)
+			}
+		}
+		return nil
+	}
 }
 
 // URL returns the URL of object name (with the base URL's query, if any).
@@ -319,7 +347,8 @@ func (r *httpReader) readIdle(p []byte) (int, error) {
 	body := r.body.(*cancelBody)
 	t := time.AfterFunc(r.s.idle, body.cancel)
 	n, err := body.Read(p)
-	if !t.Stop() && err != nil {
+	// A body that ended as the timer fired has still ended: io.EOF stays io.EOF.
+	if !t.Stop() && err != nil && err != io.EOF {
 		err = fmt.Errorf("no data for %v: %w", r.s.idle, err)
 	}
 	return n, err
@@ -366,8 +395,6 @@ func parseContentRange(v string) (start, total int64, ok bool) {
 	return start, total, true
 }
 
-// redact drops userinfo from a URL for messages (pre-signed query strings are refused by
-// NewHTTPSource, so there is no query to drop).
 // redactQuery drops everything from the first '?' or '#' (it may hold a signature) and any
 // userinfo.
 func redactQuery(s string) string {
