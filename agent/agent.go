@@ -33,6 +33,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"crypto/sha512"
@@ -308,7 +309,9 @@ func BinaryEvent(path string) (evidence.Event, error) {
 	if err != nil {
 		return evidence.Event{}, fmt.Errorf("measure %s: %w", path, err)
 	}
-	f, err := os.Open(abs)
+	// O_NONBLOCK: a FIFO planted in place of the binary must not block the open; it is then
+	// refused as not a regular file (the flag does not affect reading a regular file).
+	f, err := os.OpenFile(abs, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return evidence.Event{}, fmt.Errorf("measure: %w", err)
 	}

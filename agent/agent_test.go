@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -285,4 +287,28 @@ func TestParseKey(t *testing.T) {
 	_, err = ParseKey([]byte("c2VjcmV0"))
 	require.ErrorIs(t, err, ErrKey)
 	require.NotContains(t, err.Error(), "c2VjcmV0")
+}
+
+// BinaryEvent refuses what is not a regular file, without blocking on a FIFO planted in
+// place of a binary.
+func TestBinaryEventNotRegular(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "ollama")
+	require.NoError(t, syscall.Mkfifo(fifo, 0o600))
+	done := make(chan error, 1)
+	go func() { _, err := BinaryEvent(fifo); done <- err }()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, ErrConfig)
+		require.Contains(t, err.Error(), "not a regular file")
+	case <-time.After(10 * time.Second):
+		t.Fatal("BinaryEvent blocked on a FIFO")
+	}
+	_, err := BinaryEvent(dir)
+	require.ErrorIs(t, err, ErrConfig)
+	wd, err := os.Getwd()
+	require.NoError(t, err)
+	ev, err := BinaryEvent(filepath.Join("testdata", "..", "agent.go"))
+	require.NoError(t, err)
+	require.Contains(t, ev.Content, `"path":"`+filepath.Join(wd, "agent.go")+`"`)
 }

@@ -134,6 +134,9 @@ func evidenceAction(c *cli.Context) error {
 	if c.IsSet("report-data") == c.IsSet("nonce") {
 		return usagef("evidence: give exactly one of --report-data and --nonce")
 	}
+	if c.IsSet("nonce") && nonce == "" {
+		return usagef("evidence: --nonce must not be empty (verify --nonce and serve refuse an empty nonce)")
+	}
 	if c.String("out") == "" && !c.Bool("json") {
 		return usagef("evidence: give --out FILE and/or --json")
 	}
