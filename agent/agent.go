@@ -30,6 +30,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -179,6 +180,14 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil
 	}
 
+	// 0. An output directory that is not on tmpfs is refused before anything is measured or
+	// a key requested (store.Unpack checks again, on the directory it opens).
+	if !cfg.AllowNonTmpfs {
+		if err := checkOutTmpfs(cfg.Out); err != nil {
+			return nil, &StepError{StepDecrypt, err}
+		}
+	}
+
 	// 1. Binaries, before anything can release a key.
 	for _, p := range cfg.MeasureBinaries {
 		ev, err := BinaryEvent(p)
@@ -281,6 +290,23 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	log.Info("model published", "out", cfg.Out, "kind", r.Kind, "name", r.Name, "manifest_sha256", r.ManifestSHA256,
 		"files", r.Files, "skipped", r.Skipped, "bytes", r.Bytes, "seconds", res.Seconds)
 	return res, nil
+}
+
+// checkOutTmpfs checks the file system of out, or of its nearest existing parent when out
+// does not exist yet (store.Unpack creates it there). Other errors are left to Unpack.
+func checkOutTmpfs(out string) error {
+	d := filepath.Clean(out)
+	for {
+		_, err := os.Stat(d)
+		if err == nil {
+			return store.CheckTmpfs(d)
+		}
+		parent := filepath.Dir(d)
+		if !errors.Is(err, fs.ErrNotExist) || parent == d {
+			return nil
+		}
+		d = parent
+	}
 }
 
 func measureModel(ctx context.Context, cfg Config, r *store.Result, measure func(context.Context, evidence.Event) error) error {

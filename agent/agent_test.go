@@ -219,7 +219,8 @@ func TestRunFailures(t *testing.T) {
 		{name: "model measurement fails", tee: &fakeTEE{failOp: evidence.OpModel}, step: StepMeasureModel, is: []error{evidence.ErrMeasure, ErrMeasure}, calls: 1},
 		{name: "tampered shard", src: tampered, step: StepDecrypt, is: []error{modelcrypt.ErrCorrupt}, calls: 1},
 		{name: "source missing", src: filepath.Join(t.TempDir(), "nothing"), step: StepOpenModel, is: []error{ErrSource}},
-		{name: "non-tmpfs output", tmpfsOnly: true, step: StepDecrypt, is: []error{store.ErrNotTmpfs}, calls: 1},
+		// Refused before anything is measured or a key requested.
+		{name: "non-tmpfs output", tmpfsOnly: true, binaries: []string{"agent_test.go"}, step: StepDecrypt, is: []error{store.ErrNotTmpfs}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := dir
@@ -256,6 +257,9 @@ func TestRunFailures(t *testing.T) {
 			requireNothingPublished(t, out, plain)
 			for _, op := range tee.ops() {
 				require.NotEqual(t, evidence.OpModel, op, "model measured although not published")
+			}
+			if tc.tmpfsOnly {
+				require.Empty(t, tee.ops(), "measured before checking the output directory")
 			}
 		})
 	}
