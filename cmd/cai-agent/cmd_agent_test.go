@@ -77,3 +77,29 @@ func TestFetchAndDecryptSourceToken(t *testing.T) {
 		"--source", in("enc"), "--out", in("out2"), "--kbc", "offline", "--key-file", in("model.key")}, strings.NewReader(""), &out, &errb)
 	assert.Equal(t, ExitUsage, rc, errb.String())
 }
+
+// A fetch-and-decrypt stopped by a signal (its context cancelled) exits 130 whatever step it
+// was in, and publishes nothing.
+func TestFetchAndDecryptInterrupted(t *testing.T) {
+	dir := t.TempDir()
+	in := func(name string) string { return filepath.Join(dir, name) }
+	require.NoError(t, os.Mkdir(in("plain"), 0o755))
+	for _, args := range [][]string{
+		{"dev-tiny-model", "--gguf", in("plain/tiny.gguf")},
+		{"keygen", "--out", in("model.key")},
+		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc")},
+	} {
+		code, _, stderr := runCLI(t, args...)
+		require.Equal(t, ExitOK, code, "%v: %s", args, stderr)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out, errb bytes.Buffer
+	rc := run(ctx, []string{"cai-agent", "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+		"--source", in("enc"), "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline", "--key-file", in("model.key"),
+		"--measure-binary", in("model.key"), "--no-progress"}, strings.NewReader(""), &out, &errb)
+	require.Equal(t, ExitInterrupted, rc, errb.String())
+	require.Contains(t, errb.String(), "cai-agent: interrupted: ")
+	require.Empty(t, out.String())
+	require.NoFileExists(t, in("out/tiny.gguf"))
+}

@@ -21,6 +21,9 @@ const (
 	ExitVerify      = 10 // evidence, quote, event log replay or policy verification failed
 	ExitKBS         = 11 // the key broker refused or failed to release the key
 	ExitMeasure     = 12 // RTMR extension or event log failure
+	// ExitInterrupted: SIGINT or SIGTERM arrived and the command failed because of it (128 +
+	// SIGINT, as shells report it). Commands that serve until stopped exit 0 instead.
+	ExitInterrupted = 130
 )
 
 // exitMapping maps a sentinel error (matched with errors.Is) to an exit code.

@@ -45,6 +45,11 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		fmt.Fprintf(stderr, "cai-agent: %v\n", err)
 		return ExitUsage
 	}
+	if ctx.Err() != nil {
+		// Whatever step failed, it failed because the run was stopped.
+		fmt.Fprintf(stderr, "cai-agent: interrupted: %v\n", err)
+		return ExitInterrupted
+	}
 	fmt.Fprintf(stderr, "cai-agent: %v\n", err)
 	return exitCode(err)
 }
