@@ -14,6 +14,7 @@ import (
 	"github.com/cai-agent/cai-agent/agent"
 	"github.com/cai-agent/cai-agent/evidence"
 	"github.com/cai-agent/cai-agent/evidence/eventlog"
+	"github.com/cai-agent/cai-agent/evidence/verify"
 )
 
 // evidenceCommands returns the CLI commands of this area: evidence, measure, eventlog.
@@ -393,7 +394,7 @@ func eventlogReplayAction(c *cli.Context) error {
 		}
 		v, err := evidence.QuoteRTMRs(q)
 		if err != nil {
-			return fmt.Errorf("%w: quote %s: %w", eventlog.ErrMismatch, path, err)
+			return fmt.Errorf("%w: quote %s is not a TD quote: %w", verify.ErrFormat, path, err)
 		}
 		want = &v
 	} else if p != nil {
