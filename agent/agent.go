@@ -112,6 +112,9 @@ type Config struct {
 	Resource string
 	// MeasureBinaries are files measured (OpBinary) before the key is requested.
 	MeasureBinaries []string
+	// Kind, if set, is the model kind Out expects (modelcrypt.KindOllama for an Ollama store):
+	// checked on the authenticated manifest, after Unlock and before anything is decrypted.
+	Kind string
 	// ModelName overrides the name measured for a plain-files model (default: the base name
 	// of Out). For an Ollama model the measured name is always its Ollama name.
 	ModelName string
@@ -233,6 +236,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, &StepError{StepUnlock, err}
 	}
 	log.Info("model key accepted; manifest authenticated")
+	if cfg.Kind != "" && m.Manifest().Kind != cfg.Kind {
+		return nil, &StepError{StepUnlock, fmt.Errorf("%w: the model is of kind %q, not %q", ErrConfig, m.Manifest().Kind, cfg.Kind)}
+	}
 
 	// 4. Decrypt, measure (before publish), publish.
 	var modelErr error

@@ -206,6 +206,7 @@ func TestRunFailures(t *testing.T) {
 		tee       *fakeTEE
 		binaries  []string
 		tmpfsOnly bool
+		kind      string
 		step      string
 		is        []error
 		calls     int // key requests expected
@@ -219,6 +220,9 @@ func TestRunFailures(t *testing.T) {
 		{name: "model measurement fails", tee: &fakeTEE{failOp: evidence.OpModel}, step: StepMeasureModel, is: []error{evidence.ErrMeasure, ErrMeasure}, calls: 1},
 		{name: "tampered shard", src: tampered, step: StepDecrypt, is: []error{modelcrypt.ErrCorrupt}, calls: 1},
 		{name: "source missing", src: filepath.Join(t.TempDir(), "nothing"), step: StepOpenModel, is: []error{ErrSource}},
+		// A plain-files model where the caller expects an Ollama one (checked on the
+		// authenticated manifest: the header may have been swapped after a first read).
+		{name: "unexpected kind", kind: modelcrypt.KindOllama, step: StepUnlock, is: []error{ErrConfig}, calls: 1},
 		// Refused before anything is measured or a key requested.
 		{name: "non-tmpfs output", tmpfsOnly: true, binaries: []string{"agent_test.go"}, step: StepDecrypt, is: []error{store.ErrNotTmpfs}},
 	} {
@@ -243,7 +247,7 @@ func TestRunFailures(t *testing.T) {
 			}
 			_, err := Run(context.Background(), Config{
 				Source: modelcrypt.DirSource(src), Out: out, Evidence: tee, Broker: broker,
-				MeasureBinaries: tc.binaries, AllowNonTmpfs: !tc.tmpfsOnly,
+				MeasureBinaries: tc.binaries, AllowNonTmpfs: !tc.tmpfsOnly, Kind: tc.kind,
 			})
 			require.Error(t, err)
 			var se *StepError

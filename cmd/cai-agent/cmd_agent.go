@@ -137,8 +137,11 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		}
 		src = modelcrypt.DirSource(srcArg)
 	}
+	kind := ""
 	if out == "" {
-		// Only an Ollama model may go to --ollama-models alone.
+		// Only an Ollama model may go to --ollama-models alone: checked here on the public
+		// header to fail fast, and by agent.Run on the authenticated manifest.
+		kind = modelcrypt.KindOllama
 		m, err := modelcrypt.Open(c.Context, src)
 		if err != nil {
 			return &agent.StepError{Step: agent.StepOpenModel, Err: err}
@@ -171,6 +174,7 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		Evidence:        p,
 		Broker:          broker,
 		Resource:        c.String("resource"),
+		Kind:            kind,
 		MeasureBinaries: c.StringSlice("measure-binary"),
 		AllowNonTmpfs:   c.Bool("allow-non-tmpfs"),
 		VerifyDigests:   c.Bool("verify-digests"),
