@@ -4,8 +4,10 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
@@ -256,7 +258,12 @@ func measureAction(c *cli.Context) error {
 // refuse to log reported as a usage error.
 func binaryEvent(path string) (evidence.Event, error) {
 	ev, err := agent.BinaryEvent(path)
-	if err != nil {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return evidence.Event{}, usagef("measure %s: no such file", path)
+	case errors.Is(err, agent.ErrConfig):
+		return evidence.Event{}, usagef("measure %s: not a regular file", path)
+	case err != nil:
 		return evidence.Event{}, err
 	}
 	if err := ev.Validate(); err != nil {
