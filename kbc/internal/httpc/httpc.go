@@ -131,7 +131,9 @@ func (c *Client) Do(ctx context.Context, r Request) (*Response, error) {
 }
 
 // redacted is the request URL for messages: scheme, host and path, never userinfo or a query.
-func (c *Client) redacted(p string) string { return c.Base.Scheme + "://" + c.Base.Host + c.Base.Path + p }
+func (c *Client) redacted(p string) string {
+	return c.Base.Scheme + "://" + c.Base.Host + c.Base.Path + p
+}
 
 func (c *Client) once(ctx context.Context, r Request) (*Response, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
