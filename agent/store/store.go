@@ -88,7 +88,9 @@ type Options struct {
 	VerifyDigests bool
 	// Workers is the decryptor's parallelism; 0 means GOMAXPROCS.
 	Workers int
-	// Progress, if set, is called concurrently with counts of verified plaintext bytes.
+	// Progress, if set, is called concurrently with counts of verified plaintext bytes (files
+	// found already published and identical are counted once, before decrypting); the counts
+	// add up to the manifest's total size.
 	Progress func(int64)
 	// BeforePublish, if set, is called after every byte was decrypted, verified and staged,
 	// before the first rename; an error aborts the run with nothing published. Result's Files,

@@ -185,6 +185,18 @@ func TestUnpackFilesRoundTripAndRerun(t *testing.T) {
 	assert.Equal(t, len(testFiles), res.Skipped)
 	assert.Equal(t, int64(0), res.Bytes)
 	requireTree(t, out, testFiles)
+
+	// A file lost: only it is decrypted again, and progress still reaches the model's size
+	// (identical files count as done when they are found).
+	require.NoError(t, os.Remove(filepath.Join(out, "tokenizer", "tokenizer.model.x")))
+	progress.Store(0)
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{Progress: func(n int64) { progress.Add(n) }})
+	require.NoError(t, err)
+	assert.False(t, res.AlreadyPublished)
+	assert.Equal(t, 1, res.Files)
+	assert.Equal(t, int64(4096), res.Bytes)
+	assert.Equal(t, m.Manifest().TotalSize(), progress.Load())
+	requireTree(t, out, testFiles)
 }
 
 func TestUnpackRefusesNonTmpfs(t *testing.T) {

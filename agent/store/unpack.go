@@ -69,6 +69,19 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 		}
 	}
 	res.Skipped = len(skip)
+	if opts.Progress != nil {
+		// Files already published and identical count as done, so progress reaches the
+		// model's size.
+		var n int64
+		for _, f := range man.Files {
+			if skip[f.Path] {
+				n += f.Size
+			}
+		}
+		if n > 0 {
+			opts.Progress(n)
+		}
+	}
 	ready := &Ready{Name: res.Name, Kind: res.Kind, ManifestSHA256: res.ManifestSHA256, ModelSHA256: res.ModelSHA256, Files: infos}
 	if len(skip) == len(man.Files) && p.readyMatches(res.Kind, res.ModelSHA256, infos) {
 		res.AlreadyPublished = true
