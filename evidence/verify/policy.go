@@ -62,10 +62,11 @@ type Policy struct {
 	// evidence without the firmware log is refused.
 	RequireBootLog bool `json:"require_boot_log,omitempty"`
 	// AllowedBinaries: when present (even empty), every cai-agent Binary event in RTMR3 must
-	// have one of these SHA-384 digests (and, if the entry names a path, that path).
+	// have one of these SHA-384 digests (and, if the entry names a path, that path), and RTMR3
+	// must have no record that is not an AAEL event (it could be a binary in disguise).
 	AllowedBinaries []Binary `json:"allowed_binaries,omitempty"`
 	// Model: the last cai-agent Model event in RTMR3 must name this model (each given field
-	// must match).
+	// must match), and no RTMR3 record that is not an AAEL event may follow it.
 	Model *ModelRule `json:"model,omitempty"`
 	// RequiredMeasurements: each of these events must be among the RTMR3 events.
 	RequiredMeasurements []evidence.Event `json:"required_measurements,omitempty"`
@@ -258,9 +259,9 @@ func (p *Policy) checkQuote(q *Quote, fail func(string, ...any)) {
 	}
 }
 
-// needsLog reports whether the policy judges RTMR3 events (so an event log is required).
+// needsLog reports whether the policy judges the event log (so one is required).
 func (p *Policy) needsLog() bool {
-	return p.AllowedBinaries != nil || p.Model != nil || p.RequiredMeasurements != nil || p.OnlyKnownEvents
+	return p.RequireBootLog || p.AllowedBinaries != nil || p.Model != nil || p.RequiredMeasurements != nil || p.OnlyKnownEvents
 }
 
 // checkEvents judges the replayed RTMR3 events.
@@ -269,8 +270,11 @@ func (p *Policy) checkEvents(r *Replay, fail func(string, ...any)) {
 		return
 	}
 	if r == nil {
-		fail("the policy checks measured binaries/model/events but no event log was given")
+		fail("the policy checks the boot log or measured binaries/model/events but no event log was given")
 		return
+	}
+	if p.AllowedBinaries != nil && r.OtherRTMR3Records > 0 {
+		fail("RTMR3 has %d records that are not AAEL events: any of them may be a binary allowed_binaries does not list", r.OtherRTMR3Records)
 	}
 	for _, m := range r.Measurements {
 		if !isOurs(m.Event, evidence.OpBinary) || p.AllowedBinaries == nil {
@@ -289,6 +293,8 @@ func (p *Policy) checkEvents(r *Replay, fail func(string, ...any)) {
 	}
 	if m := p.Model; m != nil {
 		switch got := r.Model; {
+		case got == nil && r.OtherRTMR3Records > 0:
+			fail("no model is known to be measured last (RTMR3 has %d records that are not AAEL events), want %s", r.OtherRTMR3Records, m)
 		case got == nil:
 			fail("no model was measured, want %s", m)
 		case m.Name != "" && got.Name != m.Name, m.ManifestSHA256 != nil && !strings.EqualFold(got.ManifestSHA256, hex.EncodeToString(m.ManifestSHA256)):
@@ -341,6 +347,11 @@ func parseBinary(content string) (*Binary, error) {
 	}
 	if len(c.SHA384) != 48 {
 		return nil, fmt.Errorf("sha384 is %d bytes", len(c.SHA384))
+	}
+	// cai-agent measures canonical JSON: any other form (duplicate or case-variant keys, say)
+	// may read differently elsewhere than it does here.
+	if ev, err := evidence.BinaryEvent(c.Path, c.SHA384); err != nil || ev.Content != content {
+		return nil, fmt.Errorf("content is not canonical JSON")
 	}
 	return &Binary{Path: c.Path, SHA384: c.SHA384}, nil
 }

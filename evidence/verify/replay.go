@@ -19,7 +19,8 @@ type Replay struct {
 	// Result's top-level measurements).
 	Measurements []evidence.Measurement `json:"-"`
 	// Model is the model of the last cai-agent Model event in RTMR3, or nil (in JSON, the
-	// Result's model).
+	// Result's model); also nil when an RTMR3 record that is not an AAEL event follows that
+	// event, since such a record may be a Model event in disguise.
 	Model *evidence.ModelInfo `json:"-"`
 	// OtherRTMR3Records counts RTMR3 records that are not AAEL events.
 	OtherRTMR3Records int `json:"other_rtmr3_records"`
@@ -69,12 +70,20 @@ func ReplayLog(log []byte, rtmrs [4][48]byte, requireBoot bool) (*Replay, error)
 		}
 	}
 	// The model is the LAST Model event, parsed strictly: a malformed one is not skipped in
-	// favour of an earlier one.
-	for i := len(r.Measurements) - 1; i >= 0; i-- {
-		if m := r.Measurements[i]; isOurs(m.Event, evidence.OpModel) {
-			mi, err := parseModel(m.Content)
+	// favour of an earlier one. A later RTMR3 record that is not an AAEL event leaves it
+	// unknown: nothing ties such a record's data to its digest, so it may be a Model event.
+	for i := len(recs) - 1; i >= 0; i-- {
+		rec := recs[i]
+		if rec.MRIndex != eventlog.MRIndexRTMR3 || rec.Type == eventlog.EvNoAction {
+			continue
+		}
+		if rec.AAEL == nil {
+			break
+		}
+		if isOurs(*rec.AAEL, evidence.OpModel) {
+			mi, err := parseModel(rec.AAEL.Content)
 			if err != nil {
-				return nil, fmt.Errorf("%w: last model event %q: %v", ErrFormat, truncate(m.Content, 120), err)
+				return nil, fmt.Errorf("%w: last model event %q: %v", ErrFormat, truncate(rec.AAEL.Content, 120), err)
 			}
 			r.Model = mi
 			break
@@ -92,6 +101,11 @@ func parseModel(content string) (*evidence.ModelInfo, error) {
 	}
 	if mi.Name == "" {
 		return nil, fmt.Errorf("empty model name")
+	}
+	// cai-agent measures canonical JSON: any other form (duplicate or case-variant keys, say)
+	// may read differently elsewhere than it does here.
+	if c, err := evidence.CanonicalJSON(mi); err != nil || string(c) != content {
+		return nil, fmt.Errorf("content is not canonical JSON")
 	}
 	return &mi, nil
 }
