@@ -46,7 +46,8 @@ func evidenceCommands() []*cli.Command {
 				"cai-agent measure --file PATH [--file PATH…] [PATH…] [--json]",
 			Description: "An event is the text \"domain operation content\"; RTMR3 is extended with SHA-384 of its AAEL\n" +
 				"tagged form. JSON content is stored in RFC 8785 canonical form. --file measures each file as\n" +
-				`domain github.com/cai-agent, operation Binary, content {"path":<absolute path>,"sha384":<hex>}.`,
+				`domain github.com/cai-agent, operation Binary, content {"path":<absolute path>,"sha384":<hex>};` + "\n" +
+				"that domain is reserved: --domain cannot name it.",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "domain", Usage: "event domain (no whitespace)"},
 				&cli.StringFlag{Name: "operation", Usage: "event operation (no whitespace)"},
@@ -206,6 +207,9 @@ func measureAction(c *cli.Context) error {
 	case single:
 		if !c.IsSet("domain") || !c.IsSet("operation") || !c.IsSet("content") {
 			return usagef("measure: --domain, --operation and --content are all required")
+		}
+		if c.String("domain") == evidence.Domain {
+			return usagef("measure: domain %q is reserved for cai-agent's own events (measure a binary with --file PATH)", evidence.Domain)
 		}
 		content := c.String("content")
 		if json.Valid([]byte(content)) {
