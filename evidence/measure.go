@@ -74,8 +74,14 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 		// A record appended to a log that does not parse could never be read back: refuse
 		// while RTMR3 still matches what verifiers can replay.
 		if off > 0 {
-			if _, err := readOwnLog(logPath); err != nil {
+			l, err := readOwnLog(logPath)
+			if err != nil {
 				return fmt.Errorf("%w: %s: %w; refusing to extend RTMR3 past it", ErrEventLog, logPath, err)
+			}
+			// Verifiers refuse a cc_eventlog of more than MaxRecords records (firmware
+			// and agent together): evidence past this could never be verified.
+			if len(l.Records) >= MaxOwnRecords {
+				return fmt.Errorf("%w: the event log holds %d measurements, the most a verifiable log leaves room for; refusing to extend RTMR3", ErrMeasure, len(l.Records))
 			}
 		}
 		newV := rtmr.ExtendValue(old, d)

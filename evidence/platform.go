@@ -68,6 +68,10 @@ const (
 // CCELPath is the firmware CCEL data (ACPI CCEL log area), relative to the root.
 const CCELPath = "sys/firmware/acpi/tables/data/CCEL"
 
+// MaxOwnRecords is the most measurements the agent's own log takes: half of what a verifier
+// accepts in a whole cc_eventlog (eventlog.MaxRecords), the rest being left to the firmware's.
+const MaxOwnRecords = tcg.MaxRecords / 2
+
 // maxLogSize bounds how much of any event log file is read.
 const maxLogSize = 64 << 20
 

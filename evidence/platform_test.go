@@ -672,3 +672,25 @@ func crashAfterWAL(t *testing.T, e *env) {
 	require.ErrorIs(t, err, errCrash)
 	p.Close()
 }
+
+// A full own log (MaxOwnRecords measurements) refuses another one: a verifier would refuse
+// the evidence.
+func TestMeasureRefusesFullLog(t *testing.T) {
+	e := newEnv(t)
+	var log []byte
+	var r3 [48]byte
+	for i := range MaxOwnRecords {
+		ev := Event{Domain: "example.com", Operation: "Tick", Content: strconv.Itoa(i)}
+		rec, d := tcg.AAELRecord(ev.Text())
+		log = append(log, rec...)
+		r3 = rtmr.ExtendValue(r3, d)
+	}
+	require.NoError(t, os.MkdirAll(e.state, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(e.state, EventLogFile), log, 0o600))
+	e.k.SetRTMR(3, r3)
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Tick", Content: "one more"})
+	require.ErrorIs(t, err, ErrMeasure)
+	require.Contains(t, err.Error(), "32768 measurements")
+	assert.Equal(t, r3, e.k.RTMR(3))
+}

@@ -28,6 +28,9 @@ const (
 	AlgSHA384  = tcg.AlgSHA384
 	// MRIndexRTMR3 is the CC-MR index of RTMR3.
 	MRIndexRTMR3 = tcg.MRIndexRTMR3
+	// MaxRecords is the most records a log may hold (firmware and agent records together);
+	// a longer one is ErrMalformed.
+	MaxRecords = tcg.MaxRecords
 )
 
 var (

@@ -457,3 +457,14 @@ func BenchmarkParseReplayCCEL(b *testing.B) {
 		}
 	}
 }
+
+// A log of more than MaxRecords records is refused, whatever their size: a hostile bundle
+// of tiny records must not make a verifier allocate gigabytes.
+func TestParseRecordLimit(t *testing.T) {
+	rec := eventlog.EncodeAAEL(evidence.Event{Domain: "a", Operation: "b", Content: "c"})
+	_, err := eventlog.Parse(bytes.Repeat(rec, eventlog.MaxRecords))
+	require.NoError(t, err)
+	_, err = eventlog.Parse(bytes.Repeat(rec, eventlog.MaxRecords+1))
+	require.ErrorIs(t, err, eventlog.ErrMalformed)
+	require.Contains(t, err.Error(), "more than 65536 records")
+}

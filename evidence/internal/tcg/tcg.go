@@ -44,6 +44,9 @@ var ErrMalformed = errors.New("malformed TCG2 event log")
 const (
 	maxDigestsPerRecord = 8
 	maxAlgorithms       = 16
+	// MaxRecords bounds the records of one log: real firmware logs hold tens to hundreds,
+	// and a log of tiny records must not cost a verifier gigabytes of memory.
+	MaxRecords = 1 << 16
 )
 
 // defaultDigestSizes is used when a log carries no Spec ID header (the agent's own records).
@@ -163,6 +166,9 @@ func Walk(b []byte) (*Log, error) {
 			}
 			l.End = off
 			return l, nil
+		}
+		if len(l.Records) == MaxRecords {
+			return nil, fmt.Errorf("%w: more than %d records", ErrMalformed, MaxRecords)
 		}
 		r, n, err := parseRecord(b, off, sizes)
 		if err != nil {
