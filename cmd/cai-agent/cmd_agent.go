@@ -116,6 +116,9 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
+		if hdr != nil && strings.HasPrefix(srcArg, "http://") {
+			slog.Warn("sending the source token over plain http://: anyone on the network path (the cloud host) can read it; use https://")
+		}
 		hs, err := agent.NewHTTPSource(srcArg, agent.HTTPOptions{CAFile: c.String("source-ca-file"), Retries: retries, Header: hdr})
 		if err != nil {
 			return usageError{err}

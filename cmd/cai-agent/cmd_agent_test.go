@@ -59,6 +59,7 @@ func TestFetchAndDecryptSourceToken(t *testing.T) {
 	rc, output = fetch()
 	require.Equal(t, ExitOK, rc, output)
 	assert.NotContains(t, output, token)
+	assert.Contains(t, output, "sending the source token over plain http://")
 	want, err := os.ReadFile(in("plain/tiny.gguf"))
 	require.NoError(t, err)
 	got, err := os.ReadFile(in("out/tiny.gguf"))
