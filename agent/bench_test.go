@@ -1,13 +1,17 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -220,6 +224,58 @@ func BenchmarkFetchAndDecryptHTTP(b *testing.B) {
 		}
 		return s
 	})
+}
+
+// BenchmarkFetchAndDecryptHTTPServerProcess is BenchmarkFetchAndDecryptHTTP with the loopback
+// server (the same http.FileServer) in a child process: cpu-s/op is then the agent's own CPU
+// time, without the server's. Compared with BenchmarkDecryptOnly's cpu-s/op it is what
+// fetch-and-decrypt from HTTP costs the machine it runs on when the server is elsewhere (an
+// object store); ns/op still includes competing with the server for the same cores.
+func BenchmarkFetchAndDecryptHTTPServerProcess(b *testing.B) {
+	dir, _, _ := setupBenchModel(b)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "CAI_BENCH_FILESERVER="+dir)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		stdin.Close() // the child exits when its stdin closes
+		cmd.Wait()
+	}()
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		b.Fatalf("file server child: %v", err)
+	}
+	base := "http://" + strings.TrimSpace(line)
+	benchRun(b, func(string) modelcrypt.Source {
+		s, err := NewHTTPSource(base, HTTPOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s
+	})
+}
+
+// benchFileServer serves dir on a loopback port, prints the address on stdout and returns
+// when stdin is closed.
+func benchFileServer(dir string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	go http.Serve(ln, http.FileServer(http.Dir(dir)))
+	fmt.Println(ln.Addr())
+	io.Copy(io.Discard, os.Stdin)
 }
 
 // BenchmarkFetchOnly reads every shard object of the model without decrypting (two at a

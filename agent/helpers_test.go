@@ -12,6 +12,10 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if dir := os.Getenv("CAI_BENCH_FILESERVER"); dir != "" {
+		benchFileServer(dir) // the child process of BenchmarkFetchAndDecryptHTTPServerProcess
+		return
+	}
 	if os.Getenv("CAI_TEST_LOG") == "" {
 		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	}
