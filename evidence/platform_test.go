@@ -410,17 +410,26 @@ func TestStaleLogRetired(t *testing.T) {
 	assert.Len(t, stale, 1)
 }
 
-// A corrupt own log is an ErrEventLog, never silently served.
-func TestCorruptOwnLog(t *testing.T) {
-	e := newEnv(t)
-	p := e.open(t, TEESample)
+// measureThenCorrupt opens the platform of tee, measures one event and appends garbage to the
+// agent's own log.
+func (e *env) measureThenCorrupt(t *testing.T, tee string) *Platform {
+	t.Helper()
+	p := e.open(t, tee)
 	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
 	require.NoError(t, err)
 	f, err := os.OpenFile(filepath.Join(e.state, EventLogFile), os.O_WRONLY|os.O_APPEND, 0)
 	require.NoError(t, err)
-	f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9})
-	f.Close()
-	_, err = p.CCEventLog()
+	_, err = f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9})
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	return p
+}
+
+// A corrupt own log is an ErrEventLog, never silently served.
+func TestCorruptOwnLog(t *testing.T) {
+	e := newEnv(t)
+	p := e.measureThenCorrupt(t, TEESample)
+	_, err := p.CCEventLog()
 	require.ErrorIs(t, err, ErrEventLog)
 	_, err = p.Attest(context.Background(), [64]byte{})
 	require.ErrorIs(t, err, ErrEventLog)
@@ -430,16 +439,10 @@ func TestCorruptOwnLog(t *testing.T) {
 // unreadable too, and RTMR3 would hold a measurement no verifier can ever replay.
 func TestMeasureRefusesCorruptOwnLog(t *testing.T) {
 	e := newEnv(t)
-	p := e.open(t, TEETDX)
-	_, err := p.Measure(context.Background(), Event{Domain: Domain, Operation: "Test", Content: "x"})
-	require.NoError(t, err)
-	f, err := os.OpenFile(filepath.Join(e.state, EventLogFile), os.O_WRONLY|os.O_APPEND, 0)
-	require.NoError(t, err)
-	f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9})
-	f.Close()
+	p := e.measureThenCorrupt(t, TEETDX)
 	before := e.k.RTMR(3)
 	extends := e.k.Extends()
-	_, err = p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Test", Content: "y"})
+	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Test", Content: "y"})
 	require.ErrorIs(t, err, ErrEventLog)
 	assert.Equal(t, before, e.k.RTMR(3))
 	assert.Equal(t, extends, e.k.Extends())

@@ -14,22 +14,30 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// fetch-and-decrypt from a private http:// source: the token of --source-token-file
-// (CAI_SOURCE_TOKEN_FILE) goes with every request and never into the output; without it the
-// source refuses (exit 8) and nothing is published.
-func TestFetchAndDecryptSourceToken(t *testing.T) {
+// tinyEncryptedModel makes, in a fresh directory, the tiny GGUF (plain/tiny.gguf), a key
+// (model.key) and the model encrypted under it with keyHint (enc); it returns a function
+// giving the path of a name in that directory.
+func tinyEncryptedModel(t *testing.T, keyHint string) func(name string) string {
+	t.Helper()
 	dir := t.TempDir()
 	in := func(name string) string { return filepath.Join(dir, name) }
 	require.NoError(t, os.Mkdir(in("plain"), 0o755))
 	for _, args := range [][]string{
 		{"dev-tiny-model", "--gguf", in("plain/tiny.gguf")},
 		{"keygen", "--out", in("model.key")},
-		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc"), "--key-hint", "kbs:///default/model-key/tiny"},
+		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc"), "--key-hint", keyHint},
 	} {
-		var out, errb bytes.Buffer
-		rc := run(context.Background(), append([]string{"cai-agent"}, args...), strings.NewReader(""), &out, &errb)
-		require.Equal(t, ExitOK, rc, "%v: %s", args, errb.String())
+		code, _, stderr := runCLI(t, args...)
+		require.Equal(t, ExitOK, code, "%v: %s", args, stderr)
 	}
+	return in
+}
+
+// fetch-and-decrypt from a private http:// source: the token of --source-token-file
+// (CAI_SOURCE_TOKEN_FILE) goes with every request and never into the output; without it the
+// source refuses (exit 8) and nothing is published.
+func TestFetchAndDecryptSourceToken(t *testing.T) {
+	in := tinyEncryptedModel(t, "kbs:///default/model-key/tiny")
 	const token = "hf_s3cr3tT0ken"
 	require.NoError(t, os.WriteFile(in("token"), []byte(token+"\n"), 0o600))
 	files := http.FileServer(http.Dir(in("enc")))
@@ -82,17 +90,7 @@ func TestFetchAndDecryptSourceToken(t *testing.T) {
 // A fetch-and-decrypt stopped by a signal (its context cancelled) exits 130 whatever step it
 // was in, and publishes nothing.
 func TestFetchAndDecryptInterrupted(t *testing.T) {
-	dir := t.TempDir()
-	in := func(name string) string { return filepath.Join(dir, name) }
-	require.NoError(t, os.Mkdir(in("plain"), 0o755))
-	for _, args := range [][]string{
-		{"dev-tiny-model", "--gguf", in("plain/tiny.gguf")},
-		{"keygen", "--out", in("model.key")},
-		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc")},
-	} {
-		code, _, stderr := runCLI(t, args...)
-		require.Equal(t, ExitOK, code, "%v: %s", args, stderr)
-	}
+	in := tinyEncryptedModel(t, "")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	var out, errb bytes.Buffer

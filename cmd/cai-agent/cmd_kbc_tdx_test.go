@@ -120,17 +120,7 @@ func TestGetResourceITAOnTDX(t *testing.T) {
 // fake register's.
 func TestFetchAndDecryptITAOnTDX(t *testing.T) {
 	k := fakeTDX(t)
-	dir := t.TempDir()
-	in := func(name string) string { return filepath.Join(dir, name) }
-	require.NoError(t, os.Mkdir(in("plain"), 0o755))
-	for _, args := range [][]string{
-		{"dev-tiny-model", "--gguf", in("plain/tiny.gguf")},
-		{"keygen", "--out", in("model.key")},
-		{"encrypt", "--key-file", in("model.key"), "--in", in("plain"), "--out", in("enc"), "--key-hint", "ita:///keys/" + itaKeyID},
-	} {
-		code, _, stderr := runCLI(t, args...)
-		require.Equal(t, ExitOK, code, "%v: %s", args, stderr)
-	}
+	in := tinyEncryptedModel(t, "ita:///keys/"+itaKeyID)
 	addr, stop := devKBS(t, "--kbc", "ita", "--resource", itaKeyID+"=@"+in("model.key"))
 
 	var out, errb bytes.Buffer

@@ -2,13 +2,10 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -36,21 +33,7 @@ func TestDevKBSAddrFile(t *testing.T) {
 	dir := t.TempDir()
 	secretFile := filepath.Join(dir, "secret")
 	require.NoError(t, os.WriteFile(secretFile, []byte("s3cr3t-model-key"), 0o600))
-	addrFile := filepath.Join(dir, "addr")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var kbsOut, kbsErr lockedBuffer
-	done := make(chan int, 1)
-	go func() {
-		done <- run(ctx, []string{"cai-agent", "--log-level", "debug", "dev-kbs", "--listen", "127.0.0.1:0", "--addr-file", addrFile,
-			"--resource", "kbs:///default/model/key=@" + secretFile}, nil, &kbsOut, &kbsErr)
-	}()
-	var addr string
-	require.Eventually(t, func() bool {
-		b, err := os.ReadFile(addrFile)
-		addr = strings.TrimSpace(string(b))
-		return err == nil && addr != ""
-	}, 10*time.Second, 10*time.Millisecond)
+	addr, stop := devKBS(t, "--resource", "kbs:///default/model/key="+"@"+secretFile)
 	require.Regexp(t, `^127\.0\.0\.1:\d+$`, addr)
 
 	out := filepath.Join(dir, "key")
@@ -66,15 +49,8 @@ func TestDevKBSAddrFile(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
 
-	cancel()
-	select {
-	case code := <-done:
-		require.Equal(t, ExitOK, code, kbsErr.String())
-	case <-time.After(10 * time.Second):
-		t.Fatal("dev-kbs did not stop")
-	}
-	require.Contains(t, kbsErr.String(), "DEVELOPMENT ONLY")
-	require.Contains(t, kbsErr.String(), "path=/kbs/v0/resource/default/model/key status=200")
-	require.NotContains(t, kbsErr.String(), "s3cr3t")
-	require.Empty(t, kbsOut.String())
+	log := stop() // fails the test unless dev-kbs stops with exit 0 and wrote nothing on stdout
+	require.Contains(t, log, "DEVELOPMENT ONLY")
+	require.Contains(t, log, "path=/kbs/v0/resource/default/model/key status=200")
+	require.NotContains(t, log, "s3cr3t")
 }
