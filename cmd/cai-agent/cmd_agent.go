@@ -50,7 +50,7 @@ func agentCommands() []*cli.Command {
 
 func fetchFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "source", Usage: "encrypted model: a local `DIR` or an http(s):// base URL", Required: true},
+		&cli.StringFlag{Name: "source", Usage: "encrypted model: a local `DIR` or an http(s):// base URL"},
 		&cli.StringFlag{Name: "out", Usage: "output `DIR` on tmpfs (for an Ollama model: the Ollama store, OLLAMA_MODELS)"},
 		&cli.StringFlag{Name: "ollama-models", Usage: "Ollama store `DIR`: the output directory of an Ollama model when --out is not given (must equal --out if both are)"},
 		&cli.StringFlag{Name: "resource", Usage: "key resource `URI` at the broker (default: the model's key hint)"},
@@ -96,6 +96,9 @@ var agentExitCodes = []exitMapping{
 
 func fetchAndDecryptAction(c *cli.Context) error {
 	if err := noArgs(c); err != nil {
+		return err
+	}
+	if err := requireFlags(c, "source", "kbc"); err != nil {
 		return err
 	}
 	out, models := c.String("out"), c.String("ollama-models")

@@ -93,12 +93,24 @@ var cryptoExitCodes = []exitMapping{
 	{store.ErrLocked, ExitLocked},
 }
 
-// requireFlags returns a usage error (exit 2) naming the first missing flag.
+// requireFlags returns a usage error (exit 2) naming every flag of names that is missing or
+// empty (a flag may also come from its environment variable). Commands call it after their
+// positional arguments (noArgs, positionalArgs), so that flags after them count.
 func requireFlags(c *cli.Context, names ...string) error {
-	for _, n := range names {
-		if c.String(n) == "" {
-			return usagef("missing required flag --%s", n)
+	isSlice := map[string]bool{}
+	for _, f := range c.Command.Flags {
+		if _, ok := f.(*cli.StringSliceFlag); ok {
+			isSlice[f.Names()[0]] = true
 		}
+	}
+	var missing []string
+	for _, n := range names {
+		if isSlice[n] && len(c.StringSlice(n)) == 0 || !isSlice[n] && c.String(n) == "" {
+			missing = append(missing, "--"+n)
+		}
+	}
+	if len(missing) > 0 {
+		return usagef("%s: missing required flag %s", c.Command.FullName(), strings.Join(missing, ", "))
 	}
 	return nil
 }

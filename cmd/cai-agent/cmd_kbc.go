@@ -35,7 +35,7 @@ func kbcCommands() []*cli.Command {
 				"--state-dir) and writes the released secret to --out FILE (created with mode 0600; an existing\n" +
 				"file is never overwritten) or, only with --out -, to stdout. The secret is never logged.",
 			Flags: append([]cli.Flag{
-				&cli.StringFlag{Name: "resource", Usage: "trustee: kbs:///repo/type/tag; ita: key id (UUID) or ita:///keys/UUID; offline: a name", Required: true},
+				&cli.StringFlag{Name: "resource", Usage: "trustee: kbs:///repo/type/tag; ita: key id (UUID) or ita:///keys/UUID; offline: a name"},
 				&cli.StringFlag{Name: "out", Usage: "write the secret to `FILE` (0600, must not exist); - for stdout"},
 			}, kbcClientFlags()...),
 			Action: getResourceAction,
@@ -52,7 +52,7 @@ func kbcCommands() []*cli.Command {
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "kbc", Usage: "protocol to serve: trustee (RCAR, kbs:///repo/type/tag resources) or ita (key transfer, UUID keys)", Value: "trustee"},
 				&cli.StringFlag{Name: "listen", Usage: "address to listen on (port 0 picks a free port)", Value: "127.0.0.1:8080"},
-				&cli.StringSliceFlag{Name: "resource", Usage: "serve FILE's bytes as `URI=@FILE` (repeatable; ita: KEY-UUID=@FILE or ita:///keys/KEY-UUID=@FILE)", Required: true},
+				&cli.StringSliceFlag{Name: "resource", Usage: "serve FILE's bytes as `URI=@FILE` (repeatable; ita: KEY-UUID=@FILE or ita:///keys/KEY-UUID=@FILE)"},
 				&cli.StringFlag{Name: "addr-file", Usage: "write the bound host:port to `FILE` once listening (atomically)"},
 				&cli.BoolFlag{Name: "allow-remote", Usage: "allow a non-loopback --listen address"},
 				&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to demand", Value: kbstest.TrusteeVersion},
@@ -69,7 +69,7 @@ func kbcCommands() []*cli.Command {
 // with newKBCClient.
 func kbcClientFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "kbc", Usage: "key broker client: trustee, ita or offline", Required: true},
+		&cli.StringFlag{Name: "kbc", Usage: "key broker client: trustee, ita or offline"},
 		&cli.StringFlag{Name: "kbs-url", Usage: "broker base `URL` (https://host:port; http:// only with --insecure-http)", EnvVars: []string{"CAI_KBS_URL"}},
 		&cli.StringFlag{Name: "ca-file", Usage: "trust only the CAs in this PEM `FILE` for the broker's TLS certificate"},
 		&cli.BoolFlag{Name: "insecure-http", Usage: "allow a plain http:// broker URL (development only)"},
@@ -136,8 +136,11 @@ var kbcExitCodes = []exitMapping{
 var errOutExists = errors.New("output file exists")
 
 func getResourceAction(c *cli.Context) error {
-	if c.NArg() > 0 {
-		return usagef("get-resource: unexpected arguments %q", c.Args().Slice())
+	if err := noArgs(c); err != nil {
+		return err
+	}
+	if err := requireFlags(c, "kbc", "resource"); err != nil {
+		return err
 	}
 	out := c.String("out")
 	if out == "" {
@@ -206,8 +209,11 @@ const devBanner = `
 `
 
 func devKBSAction(c *cli.Context) error {
-	if c.NArg() > 0 {
-		return usagef("dev-kbs: unexpected arguments %q", c.Args().Slice())
+	if err := noArgs(c); err != nil {
+		return err
+	}
+	if err := requireFlags(c, "resource"); err != nil {
+		return err
 	}
 	listen := c.String("listen")
 	host, _, err := net.SplitHostPort(listen)

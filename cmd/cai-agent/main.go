@@ -149,39 +149,13 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer) *cli.App {
 }
 
 // prepareCommand makes every command line mistake of cmd and its subcommands a usage error
-// (exit 2) with nothing on stdout: bad flags, missing required flags (urfave/cli would print
-// the whole help on stdout and exit 1) and unknown subcommands.
+// (exit 2) with nothing on stdout: bad flags and unknown subcommands. Required flags are
+// checked by the actions (requireFlags, after positional arguments): urfave/cli's own check
+// would print the whole help on stdout and exit 1, so no flag may set Required.
 func prepareCommand(cmd *cli.Command) {
 	cmd.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
-	var required []string
-	for _, f := range cmd.Flags {
-		switch f := f.(type) {
-		case *cli.StringFlag:
-			if f.Required {
-				f.Required, required = false, append(required, f.Name)
-			}
-		case *cli.StringSliceFlag:
-			if f.Required {
-				f.Required, required = false, append(required, f.Name)
-			}
-		}
-	}
 	if len(cmd.Subcommands) > 0 && cmd.Action == nil {
 		cmd.Action = groupAction
-	}
-	if action := cmd.Action; len(required) > 0 && action != nil {
-		cmd.Action = func(c *cli.Context) error {
-			var missing []string
-			for _, name := range required {
-				if !c.IsSet(name) {
-					missing = append(missing, "--"+name)
-				}
-			}
-			if len(missing) > 0 {
-				return usagef("%s: missing required flag %s", c.Command.FullName(), strings.Join(missing, ", "))
-			}
-			return action(c)
-		}
 	}
 	for _, sub := range cmd.Subcommands {
 		prepareCommand(sub)
@@ -200,32 +174,17 @@ func groupAction(c *cli.Context) error {
 // version is set at build time with -ldflags "-X main.version=…" (make build: git describe).
 var version = "dev"
 
-// appVersion is version, or else what the Go toolchain recorded: the module version of
-// `go install …/cmd/cai-agent@v1.2.3`, or the VCS revision of a local `go build`.
+// appVersion is version, or else the main module's version the Go toolchain recorded: that
+// of `go install …/cmd/cai-agent@v1.2.3`, or a pseudo-version from the VCS of a local
+// `go build` (unless built with -buildvcs=false).
 func appVersion() string {
 	if version != "dev" {
 		return version
 	}
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return version
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
 	}
-	if v := bi.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	var rev, dirty string
-	for _, s := range bi.Settings {
-		switch {
-		case s.Key == "vcs.revision" && len(s.Value) >= 12:
-			rev = s.Value[:12]
-		case s.Key == "vcs.modified" && s.Value == "true":
-			dirty = "-dirty"
-		}
-	}
-	if rev == "" {
-		return version
-	}
-	return "dev-" + rev + dirty
+	return version
 }
 
 func setupLogging(c *cli.Context, stderr io.Writer) error {
