@@ -191,23 +191,61 @@ func CoversBoot(recs []Record) bool {
 }
 
 // Measurements returns the RTMR3 AAEL events of recs, in order, with their SHA-384 digests
-// (hex), and the model named by the last cai-agent OpModel event (nil if none) — the
+// (hex), and the model LastModel names (nil if none or if its event is malformed) — the
 // convenience fields of evidence.Bundle. Only records Parse has checked are trusted here, and
 // only as far as the log itself is: callers must replay the log against a verified quote.
 func Measurements(recs []Record) ([]evidence.Measurement, *evidence.ModelInfo) {
 	ms := []evidence.Measurement{}
-	var model *evidence.ModelInfo
 	for _, r := range recs {
 		if r.AAEL == nil || r.MRIndex != MRIndexRTMR3 {
 			continue
 		}
 		ms = append(ms, evidence.Measurement{Event: *r.AAEL, Digest: fmt.Sprintf("%x", r.SHA384())})
-		if r.AAEL.Domain == evidence.Domain && r.AAEL.Operation == evidence.OpModel {
-			var mi evidence.ModelInfo
-			if err := json.Unmarshal([]byte(r.AAEL.Content), &mi); err == nil && mi.Name != "" {
-				model = &mi
-			}
-		}
 	}
+	model, _ := LastModel(recs)
 	return ms, model
+}
+
+// LastModel returns the model named by the last cai-agent Model event among the RTMR3
+// records. It is nil when there is none, and also when an RTMR3 record that is not an AAEL
+// event follows it: nothing ties such a record's data to its digest, so it may be a Model
+// event in disguise. The last Model event is parsed strictly — exactly
+// {"manifest_sha256","name"} with a non-empty name, in the canonical form cai-agent measures,
+// so that no reader can parse it differently — and a malformed one is an error (wrapping
+// ErrMalformed), never skipped in favour of an earlier one.
+func LastModel(recs []Record) (*evidence.ModelInfo, error) {
+	for i := len(recs) - 1; i >= 0; i-- {
+		r := recs[i]
+		if r.MRIndex != MRIndexRTMR3 || r.Type == EvNoAction {
+			continue
+		}
+		if r.AAEL == nil {
+			return nil, nil
+		}
+		if r.AAEL.Domain != evidence.Domain || r.AAEL.Operation != evidence.OpModel {
+			continue
+		}
+		mi, err := parseModel(r.AAEL.Content)
+		if err != nil {
+			return nil, fmt.Errorf("%w: last model event %q: %v", ErrMalformed, truncate(r.AAEL.Content, 120), err)
+		}
+		return mi, nil
+	}
+	return nil, nil
+}
+
+func parseModel(content string) (*evidence.ModelInfo, error) {
+	var mi evidence.ModelInfo
+	dec := json.NewDecoder(strings.NewReader(content))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&mi); err != nil || dec.More() {
+		return nil, errors.New(`content is not {"manifest_sha256","name"} JSON`)
+	}
+	if mi.Name == "" {
+		return nil, errors.New("empty model name")
+	}
+	if c, err := evidence.CanonicalJSON(mi); err != nil || string(c) != content {
+		return nil, errors.New("content is not canonical JSON")
+	}
+	return &mi, nil
 }

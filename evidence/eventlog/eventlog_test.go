@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha512"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"os"
@@ -467,4 +468,44 @@ func TestParseRecordLimit(t *testing.T) {
 	_, err = eventlog.Parse(bytes.Repeat(rec, eventlog.MaxRecords+1))
 	require.ErrorIs(t, err, eventlog.ErrMalformed)
 	require.Contains(t, err.Error(), "more than 65536 records")
+}
+
+// The bundle's model (Measurements, as serve fills it) and the verifier's are one rule: the
+// last cai-agent Model event, unless an RTMR3 record that is not an AAEL event follows it.
+func TestLastModelHiddenByLaterRecord(t *testing.T) {
+	m, err := evidence.ModelEvent("cai-tiny", make([]byte, 32))
+	require.NoError(t, err)
+	// An RTMR3 record (MR index 4) whose data is not an AAEL event.
+	data := []byte("opaque")
+	other := binary.LittleEndian.AppendUint32(nil, eventlog.MRIndexRTMR3)
+	other = binary.LittleEndian.AppendUint32(other, 0x0d) // EV_IPL
+	other = binary.LittleEndian.AppendUint32(other, 1)
+	other = binary.LittleEndian.AppendUint16(other, eventlog.AlgSHA384)
+	other = append(other, make([]byte, 48)...)
+	other = binary.LittleEndian.AppendUint32(other, uint32(len(data)))
+	other = append(other, data...)
+
+	recs, err := eventlog.Parse(eventlog.EncodeAAEL(m))
+	require.NoError(t, err)
+	_, model := eventlog.Measurements(recs)
+	require.NotNil(t, model)
+	assert.Equal(t, "cai-tiny", model.Name)
+
+	recs, err = eventlog.Parse(append(eventlog.EncodeAAEL(m), other...))
+	require.NoError(t, err)
+	ms, model := eventlog.Measurements(recs)
+	assert.Nil(t, model)
+	assert.Len(t, ms, 1)
+	model, err = eventlog.LastModel(recs)
+	assert.NoError(t, err)
+	assert.Nil(t, model)
+
+	// A malformed last Model event is an error for LastModel and no model for the bundle.
+	bad := evidence.Event{Domain: evidence.Domain, Operation: evidence.OpModel, Content: `{"name":"x"}`}
+	recs, err = eventlog.Parse(append(eventlog.EncodeAAEL(m), eventlog.EncodeAAEL(bad)...))
+	require.NoError(t, err)
+	_, err = eventlog.LastModel(recs)
+	require.ErrorIs(t, err, eventlog.ErrMalformed)
+	_, model = eventlog.Measurements(recs)
+	assert.Nil(t, model)
 }

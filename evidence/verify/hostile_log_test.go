@@ -105,8 +105,11 @@ func TestModelAndBinaryContentMustBeCanonical(t *testing.T) {
 		assert.ErrorIs(t, err, ErrFormat, name)
 	}
 	good, _ := evidence.ModelEvent("llama3.1:8b", make([]byte, 32))
-	_, err := parseModel(good.Content)
+	var rt [4][48]byte
+	rt[3] = extend(rt[3], evidence.AAELDigest(good))
+	r, err := ReplayLog(eventlog.EncodeAAEL(good), rt, false)
 	require.NoError(t, err)
+	require.NotNil(t, r.Model)
 
 	q, err := ParseQuote(fixture(t, "quote_v5_sample.dat"))
 	require.NoError(t, err)

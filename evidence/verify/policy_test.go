@@ -12,6 +12,7 @@ import (
 	"github.com/cai-agent/cai-agent/agent/ollama"
 
 	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/eventlog"
 )
 
 func policyOf(t testing.TB, js string) *Policy {
@@ -95,15 +96,16 @@ func TestPolicyDebug(t *testing.T) {
 func replayOf(t testing.TB, evs ...evidence.Event) *Replay {
 	t.Helper()
 	r := &Replay{}
+	var log []byte
 	for _, ev := range evs {
 		d := evidence.AAELDigest(ev)
 		r.Measurements = append(r.Measurements, evidence.Measurement{Event: ev, Digest: hex.EncodeToString(d[:])})
-		if isOurs(ev, evidence.OpModel) {
-			m, err := parseModel(ev.Content)
-			require.NoError(t, err)
-			r.Model = m
-		}
+		log = append(log, eventlog.EncodeAAEL(ev)...)
 	}
+	recs, err := eventlog.Parse(log)
+	require.NoError(t, err)
+	r.Model, err = eventlog.LastModel(recs)
+	require.NoError(t, err)
 	return r
 }
 

@@ -1,9 +1,7 @@
 package verify
 
 import (
-	"encoding/json"
 	"fmt"
-	"strings"
 
 	"github.com/cai-agent/cai-agent/evidence"
 	"github.com/cai-agent/cai-agent/evidence/eventlog"
@@ -69,43 +67,8 @@ func ReplayLog(log []byte, rtmrs [4][48]byte, requireBoot bool) (*Replay, error)
 			r.OtherRTMR3Records++
 		}
 	}
-	// The model is the LAST Model event, parsed strictly: a malformed one is not skipped in
-	// favour of an earlier one. A later RTMR3 record that is not an AAEL event leaves it
-	// unknown: nothing ties such a record's data to its digest, so it may be a Model event.
-	for i := len(recs) - 1; i >= 0; i-- {
-		rec := recs[i]
-		if rec.MRIndex != eventlog.MRIndexRTMR3 || rec.Type == eventlog.EvNoAction {
-			continue
-		}
-		if rec.AAEL == nil {
-			break
-		}
-		if isOurs(*rec.AAEL, evidence.OpModel) {
-			mi, err := parseModel(rec.AAEL.Content)
-			if err != nil {
-				return nil, fmt.Errorf("%w: last model event %q: %v", ErrFormat, truncate(rec.AAEL.Content, 120), err)
-			}
-			r.Model = mi
-			break
-		}
+	if r.Model, err = eventlog.LastModel(recs); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrFormat, err)
 	}
 	return r, nil
-}
-
-func parseModel(content string) (*evidence.ModelInfo, error) {
-	var mi evidence.ModelInfo
-	dec := json.NewDecoder(strings.NewReader(content))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&mi); err != nil || dec.More() {
-		return nil, fmt.Errorf("content is not {\"manifest_sha256\",\"name\"} JSON")
-	}
-	if mi.Name == "" {
-		return nil, fmt.Errorf("empty model name")
-	}
-	// cai-agent measures canonical JSON: any other form (duplicate or case-variant keys, say)
-	// may read differently elsewhere than it does here.
-	if c, err := evidence.CanonicalJSON(mi); err != nil || string(c) != content {
-		return nil, fmt.Errorf("content is not canonical JSON")
-	}
-	return &mi, nil
 }
