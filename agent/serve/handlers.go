@@ -435,7 +435,11 @@ func (s *Server) handleMeasure(w http.ResponseWriter, r *http.Request) {
 		case errors.Is(ctx.Err(), context.DeadlineExceeded):
 			status = http.StatusGatewayTimeout
 		}
-		writeError(w, status, "measurement failed: "+err.Error())
+		msg := err.Error()
+		if !errors.Is(err, evidence.ErrMeasure) { // its text already says so
+			msg = "measurement failed: " + msg
+		}
+		writeError(w, status, msg)
 		return
 	}
 	attrs := append([]slog.Attr{slog.String("domain", ev.Domain), slog.String("operation", ev.Operation),
