@@ -27,7 +27,7 @@ func positionalArgs(c *cli.Context) ([]string, error) {
 			rest = rest[1:]
 			continue
 		}
-		fs := flag.NewFlagSet(c.Command.FullName(), flag.ContinueOnError)
+		fs := flag.NewFlagSet(cmdName(c), flag.ContinueOnError)
 		fs.SetOutput(io.Discard)
 		for _, f := range c.Command.Flags {
 			if err := f.Apply(fs); err != nil {
@@ -35,7 +35,7 @@ func positionalArgs(c *cli.Context) ([]string, error) {
 			}
 		}
 		if err := fs.Parse(rest); err != nil {
-			return nil, usagef("%s: %v", c.Command.FullName(), err)
+			return nil, usagef("%s: %v", cmdName(c), err)
 		}
 		var setErr error
 		fs.Visit(func(f *flag.Flag) {
@@ -45,7 +45,7 @@ func positionalArgs(c *cli.Context) ([]string, error) {
 			}
 			for _, v := range vals {
 				if err := c.Set(f.Name, v); err != nil && setErr == nil {
-					setErr = usagef("%s: --%s: %v", c.Command.FullName(), f.Name, err)
+					setErr = usagef("%s: --%s: %v", cmdName(c), f.Name, err)
 				}
 			}
 		})
@@ -62,4 +62,13 @@ func positionalArgs(c *cli.Context) ([]string, error) {
 		rest = fs.Args()
 	}
 	return pos, nil
+}
+
+// cmdName is the command's path for messages, e.g. "eventlog show" (urfave/cli's FullName
+// is only the last name for a subcommand).
+func cmdName(c *cli.Context) string {
+	if n := strings.TrimPrefix(c.Command.HelpName, c.App.Name+" "); n != "" && n != c.App.Name {
+		return n
+	}
+	return c.Command.Name
 }

@@ -110,7 +110,7 @@ func requireFlags(c *cli.Context, names ...string) error {
 		}
 	}
 	if len(missing) > 0 {
-		return usagef("%s: missing required flag %s", c.Command.FullName(), strings.Join(missing, ", "))
+		return usagef("%s: missing required flag %s", cmdName(c), strings.Join(missing, ", "))
 	}
 	return nil
 }

@@ -125,7 +125,7 @@ func noArgs(c *cli.Context) error {
 		return err
 	}
 	if len(args) > 0 {
-		return usagef("%s: unexpected argument %q", c.Command.FullName(), args[0])
+		return usagef("%s: unexpected argument %q", cmdName(c), args[0])
 	}
 	return nil
 }
@@ -197,7 +197,7 @@ func measureAction(c *cli.Context) error {
 	if len(files) > 0 {
 		files = append(files, args...)
 	} else if len(args) > 0 {
-		return usagef("%s: unexpected argument %q", c.Command.FullName(), args[0])
+		return usagef("%s: unexpected argument %q", cmdName(c), args[0])
 	}
 	single := c.IsSet("domain") || c.IsSet("operation") || c.IsSet("content")
 	var events []evidence.Event

@@ -166,7 +166,7 @@ func prepareCommand(cmd *cli.Command) {
 // no arguments, otherwise an unknown-command usage error.
 func groupAction(c *cli.Context) error {
 	if c.Args().Present() {
-		return usagef("%s: unknown command %q (see --help)", c.Command.FullName(), c.Args().First())
+		return usagef("%s: unknown command %q (see --help)", cmdName(c), c.Args().First())
 	}
 	return cli.ShowSubcommandHelp(c)
 }
