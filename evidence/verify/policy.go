@@ -26,6 +26,8 @@ import (
 //	  "rtmr0": "<hex48>", "rtmr1": …, "rtmr2": …, "rtmr3": …,
 //	  "mr_config_id": "<hex48>", "mr_owner": "<hex48>", "mr_owner_config": "<hex48>",
 //	  "report_data": "<hex64>",
+//	  "td_attributes": "<hex8>", "xfam": "<hex8>",
+//	  "mr_signer_seam": "<hex48>", "seam_attributes": "<hex8>",
 //	  "allow_debug": false,
 //	  "min_tee_tcb_svn": "<hex16>",
 //	  "require_boot_log": false,
@@ -52,6 +54,14 @@ type Policy struct {
 	MROwnerConfig Hex `json:"mr_owner_config,omitempty"`
 	// ReportData: exact REPORTDATA (for raw quotes; bundles are bound to a nonce instead).
 	ReportData Hex `json:"report_data,omitempty"`
+	// TDAttributes, XFAM: exact TD_ATTRIBUTES (e.g. SEPT_VE_DISABLE, PKS, KL; DEBUG is judged
+	// by AllowDebug as well) and XFAM (the CPU extended features the TD may use), as the
+	// quote encodes them (8 bytes, little-endian).
+	TDAttributes Hex `json:"td_attributes,omitempty"`
+	XFAM         Hex `json:"xfam,omitempty"`
+	// MRSignerSEAM, SEAMAttributes: exact values (all zero for Intel's TDX module).
+	MRSignerSEAM   Hex `json:"mr_signer_seam,omitempty"`
+	SEAMAttributes Hex `json:"seam_attributes,omitempty"`
 	// AllowDebug accepts a TD whose TD_ATTRIBUTES.DEBUG bit is set. Never in production.
 	AllowDebug bool `json:"allow_debug,omitempty"`
 	// MinTEETCBSVN: every byte (component SVN) of TEE_TCB_SVN must be ≥ the same byte here,
@@ -191,6 +201,10 @@ func (p *Policy) Validate() error {
 	size("mr_owner", p.MROwner, 48)
 	size("mr_owner_config", p.MROwnerConfig, 48)
 	size("report_data", p.ReportData, 64)
+	size("td_attributes", p.TDAttributes, 8)
+	size("xfam", p.XFAM, 8)
+	size("mr_signer_seam", p.MRSignerSEAM, 48)
+	size("seam_attributes", p.SEAMAttributes, 8)
 	size("min_tee_tcb_svn", p.MinTEETCBSVN, 16)
 	for i, b := range p.AllowedBinaries {
 		if len(b.SHA384) != 48 {
@@ -241,6 +255,10 @@ func (p *Policy) checkQuote(q *Quote, fail func(string, ...any)) {
 	exact("mr_owner", p.MROwner, q.MROwner)
 	exact("mr_owner_config", p.MROwnerConfig, q.MROwnerConfig)
 	exact("report_data", p.ReportData, q.ReportData)
+	exact("td_attributes", p.TDAttributes, q.TDAttributes)
+	exact("xfam", p.XFAM, q.XFAM)
+	exact("mr_signer_seam", p.MRSignerSEAM, q.MRSignerSEAM)
+	exact("seam_attributes", p.SEAMAttributes, q.SEAMAttributes)
 	if q.Debug && !p.AllowDebug {
 		fail("the TD is debuggable (td_attributes %x has DEBUG set) and allow_debug is false", []byte(q.TDAttributes))
 	}

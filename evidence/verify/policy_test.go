@@ -35,7 +35,9 @@ func policyFor(q *Quote) string {
 	return `{"mr_td":["` + strings.Repeat("ab", 48) + `","` + q.MRTD.String() + `"],"mr_seam":"` + q.MRSEAM.String() +
 		`","rtmr0":"` + q.RTMR0.String() + `","rtmr1":"` + q.RTMR1.String() + `","rtmr2":"` + q.RTMR2.String() + `","rtmr3":"` + q.RTMR3.String() +
 		`","mr_config_id":"` + q.MRConfigID.String() + `","mr_owner":"` + q.MROwner.String() + `","mr_owner_config":"` + q.MROwnerConfig.String() +
-		`","report_data":"` + q.ReportData.String() + `","min_tee_tcb_svn":"` + q.TEETCBSVN.String() + `"}`
+		`","report_data":"` + q.ReportData.String() + `","min_tee_tcb_svn":"` + q.TEETCBSVN.String() +
+		`","td_attributes":"` + q.TDAttributes.String() + `","xfam":"` + q.XFAM.String() +
+		`","mr_signer_seam":"` + q.MRSignerSEAM.String() + `","seam_attributes":"` + q.SEAMAttributes.String() + `"}`
 }
 
 func TestPolicyQuoteV4V5(t *testing.T) {
@@ -55,9 +57,13 @@ func TestPolicyQuoteV4V5(t *testing.T) {
 			bad.RTMR0, bad.RTMR1, bad.RTMR2, bad.RTMR3 = flip(q.RTMR0), flip(q.RTMR1), flip(q.RTMR2), flip(q.RTMR3)
 			bad.MRConfigID, bad.MROwner, bad.MROwnerConfig = flip(q.MRConfigID), flip(q.MROwner), flip(q.MROwnerConfig)
 			bad.ReportData = flip(q.ReportData)
+			bad.XFAM, bad.MRSignerSEAM, bad.SEAMAttributes = flip(q.XFAM), flip(q.MRSignerSEAM), flip(q.SEAMAttributes)
+			bad.TDAttributes = append(Hex{}, q.TDAttributes...)
+			bad.TDAttributes[3] ^= 0x10 // SEPT_VE_DISABLE (bit 28), not DEBUG
 			f := failures(t, bad.Check(q, nil))
-			assert.Len(t, f, 10, "%q", f)
-			for _, name := range []string{"mr_td", "mr_seam", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner ", "mr_owner_config", "report_data"} {
+			assert.Len(t, f, 14, "%q", f)
+			for _, name := range []string{"mr_td", "mr_seam ", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner ", "mr_owner_config", "report_data",
+				"td_attributes", "xfam", "mr_signer_seam", "seam_attributes"} {
 				assert.True(t, strings.Contains(strings.Join(f, "\n"), name), name)
 			}
 		})
