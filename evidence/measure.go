@@ -81,7 +81,7 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 			// Verifiers refuse a cc_eventlog of more than MaxRecords records (firmware
 			// and agent together): evidence past this could never be verified.
 			if len(l.Records) >= MaxOwnRecords {
-				return fmt.Errorf("%w: the event log holds %d measurements, the most a verifiable log leaves room for; refusing to extend RTMR3", ErrMeasure, len(l.Records))
+				return fmt.Errorf("%w: %w: it holds %d measurements, the most a verifiable log leaves room for; refusing to extend RTMR3", ErrMeasure, ErrLogFull, len(l.Records))
 			}
 		}
 		newV := rtmr.ExtendValue(old, d)

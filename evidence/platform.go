@@ -33,6 +33,9 @@ var (
 	ErrInconsistent = errors.New("RTMR3 and the event log disagree")
 	// ErrEventLog: an event log (the agent's or the firmware CCEL) is unreadable or malformed.
 	ErrEventLog = errors.New("event log unreadable")
+	// ErrLogFull: the agent's log already holds MaxOwnRecords measurements (errors wrapping it
+	// also wrap ErrMeasure).
+	ErrLogFull = errors.New("event log full")
 )
 
 // TEEAuto selects TDX when configfs-tsm reports the tdx_guest provider.

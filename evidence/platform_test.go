@@ -694,6 +694,7 @@ func TestMeasureRefusesFullLog(t *testing.T) {
 	p := e.open(t, TEETDX)
 	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Tick", Content: "one more"})
 	require.ErrorIs(t, err, ErrMeasure)
+	require.ErrorIs(t, err, ErrLogFull)
 	require.Contains(t, err.Error(), "32768 measurements")
 	assert.Equal(t, r3, e.k.RTMR(3))
 }

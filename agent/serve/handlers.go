@@ -432,6 +432,8 @@ func (s *Server) handleMeasure(w http.ResponseWriter, r *http.Request) {
 			status = http.StatusBadRequest
 		case errors.Is(err, evidence.ErrInconsistent):
 			status = http.StatusConflict
+		case errors.Is(err, evidence.ErrLogFull):
+			status = http.StatusInsufficientStorage
 		case errors.Is(ctx.Err(), context.DeadlineExceeded):
 			status = http.StatusGatewayTimeout
 		}

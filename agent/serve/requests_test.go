@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/eventlog"
+	"github.com/cai-agent/cai-agent/evidence/evidencetest"
+	"github.com/cai-agent/cai-agent/evidence/rtmr"
+	"github.com/cai-agent/cai-agent/evidence/rtmr/rtmrtest"
 )
 
 // Bad requests are refused with the right status and a JSON error naming the problem, and
@@ -268,4 +273,30 @@ func TestAccessLog(t *testing.T) {
 	assert.NotContains(t, buf.String(), "secret-looking-nonce")
 	assert.NotContains(t, buf.String(), "another-nonce")
 	assert.Contains(t, buf.String(), `"msg":"measured through the API"`)
+}
+
+// A measurement past the agent's log capacity is 507: the log already holds
+// evidence.MaxOwnRecords measurements, and one more would make the evidence unverifiable.
+func TestMeasureLogFull(t *testing.T) {
+	root, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	var log []byte
+	var r3 [48]byte
+	for i := range evidence.MaxOwnRecords {
+		ev := evidence.Event{Domain: "example.com", Operation: "Tick", Content: strconv.Itoa(i)}
+		log = append(log, eventlog.EncodeAAEL(ev)...)
+		r3 = rtmr.ExtendValue(r3, evidence.AAELDigest(ev))
+	}
+	require.NoError(t, os.MkdirAll(state, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(state, evidence.EventLogFile), log, 0o600))
+	k := &rtmrtest.Kernel{Root: root, Sysfs: true}
+	k.SetRTMR(3, r3)
+	p, err := evidence.Open(context.Background(), evidence.Options{TEE: evidence.TEETDX, StateDir: state, Root: root, Kernel: k,
+		TSM: evidencetest.TSM(fixture(t, "tdx/cos-113-tdx-quote.dat"), true, "tdx_guest")})
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Close() })
+	h := start(t, Config{Platform: p})
+	r := h.do(t, true, "POST", PathMeasurements, "application/json", `{"domain":"a","operation":"b","content":"c"}`)
+	require.Equal(t, http.StatusInsufficientStorage, r.status, "body %s", r.body)
+	assert.Contains(t, r.errMsg(t), "event log full")
+	assert.Equal(t, r3, k.RTMR(3))
 }
