@@ -2,8 +2,16 @@ package main
 
 import (
 	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
 	"testing"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"github.com/urfave/cli/v2"
 )
 
@@ -23,4 +31,62 @@ func TestNoFlagIsRequired(t *testing.T) {
 		}
 	}
 	walk(app.Commands)
+}
+
+// Every CAI_* variable the README or the deploy examples name exists — a flag's env var, or
+// one the code reads (tests, benchmarks) — and every flag's env var is in the README's table.
+func TestDocumentedEnvVars(t *testing.T) {
+	flagEnv := map[string]bool{}
+	var walk func(flags []cli.Flag, cmds []*cli.Command)
+	walk = func(flags []cli.Flag, cmds []*cli.Command) {
+		for _, f := range flags {
+			if d, ok := f.(cli.DocGenerationFlag); ok {
+				for _, e := range d.GetEnvVars() {
+					flagEnv[e] = true
+				}
+			}
+		}
+		for _, c := range cmds {
+			walk(c.Flags, c.Subcommands)
+		}
+	}
+	app := newApp(nil, io.Discard, io.Discard)
+	walk(app.Flags, app.Commands)
+	require.NotEmpty(t, flagEnv)
+
+	name := regexp.MustCompile(`CAI_[A-Z0-9_]*[A-Z0-9]`)
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	require.NoError(t, err)
+	documented := map[string]bool{}
+	for _, n := range name.FindAllString(string(readme), -1) {
+		documented[n] = true
+	}
+	for e := range flagEnv {
+		assert.True(t, documented[e], "%s (a flag's env var) is not in README.md", e)
+	}
+
+	mentioned := maps.Clone(documented)
+	deploy, err := filepath.Glob(filepath.Join("..", "..", "deploy", "*", "*"))
+	require.NoError(t, err)
+	for _, f := range deploy {
+		b, err := os.ReadFile(f)
+		require.NoError(t, err)
+		for _, n := range name.FindAllString(string(b), -1) {
+			mentioned[n] = true
+		}
+	}
+	var code strings.Builder
+	require.NoError(t, filepath.WalkDir(filepath.Join("..", ".."), func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || filepath.Ext(p) != ".go" || strings.HasSuffix(p, "main_test.go") {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		code.Write(b)
+		return err
+	}))
+	for n := range mentioned {
+		if !flagEnv[n] {
+			assert.Contains(t, code.String(), `"`+n, "%s is documented but neither a flag's env var nor read by any code", n)
+		}
+	}
 }
