@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -89,4 +90,22 @@ func TestDocumentedEnvVars(t *testing.T) {
 			assert.Contains(t, code.String(), `"`+n, "%s is documented but neither a flag's env var nor read by any code", n)
 		}
 	}
+}
+
+// The README's exit-code table lists exactly the codes of exitcodes.go, with their names.
+func TestDocumentedExitCodes(t *testing.T) {
+	codes := map[int]string{
+		ExitOK: "OK", ExitFailure: "Failure", ExitUsage: "Usage", ExitWrongKey: "WrongKey", ExitCorrupt: "Corrupt",
+		ExitUnsupported: "Unsupported", ExitNotTmpfs: "NotTmpfs", ExitLocked: "Locked", ExitSource: "Source",
+		ExitEvidence: "Evidence", ExitVerify: "Verify", ExitKBS: "KBS", ExitMeasure: "Measure", ExitInterrupted: "Interrupted",
+	}
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	require.NoError(t, err)
+	got := map[int]string{}
+	for _, m := range regexp.MustCompile(`(?m)^\| (\d+) \| ([A-Za-z]+) \|`).FindAllStringSubmatch(string(readme), -1) {
+		n, err := strconv.Atoi(m[1])
+		require.NoError(t, err)
+		got[n] = m[2]
+	}
+	assert.Equal(t, codes, got)
 }
