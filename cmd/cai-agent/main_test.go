@@ -109,3 +109,24 @@ func TestDocumentedExitCodes(t *testing.T) {
 	}
 	assert.Equal(t, codes, got)
 }
+
+// Every flag of every command is named in the README.
+func TestDocumentedFlags(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	require.NoError(t, err)
+	var walk func(path string, flags []cli.Flag, cmds []*cli.Command)
+	walk = func(path string, flags []cli.Flag, cmds []*cli.Command) {
+		for _, f := range flags {
+			n := f.Names()[0]
+			if n == "help" || n == "version" {
+				continue
+			}
+			assert.Contains(t, string(readme), "--"+n, "%s --%s is not in README.md", path, n)
+		}
+		for _, c := range cmds {
+			walk(strings.TrimSpace(path+" "+c.Name), c.Flags, c.Subcommands)
+		}
+	}
+	app := newApp(nil, io.Discard, io.Discard)
+	walk("", app.Flags, app.Commands)
+}
