@@ -18,10 +18,14 @@
 //     directory descriptors), and OUT/.cai-agent must be a real directory owned by this user
 //     and not writable by group or others, else the run is refused: it holds the staging and
 //     the publish record, which decides what is trusted without re-hashing.
+//   - Modes: published files are 0644 and the directories the publisher creates 0755,
+//     whatever the umask, so the runtime (often another user) can read them.
 //   - Crash recovery: a rerun (e.g. after kill -9) removes stale staging and completes. Files
-//     already published and identical to the model's are skipped (not decrypted again). A
+//     already published and identical to the model's are skipped (not decrypted again); a file
+//     owned by another user or writable by group or others is never skipped but replaced. A
 //     publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its rename
-//     (path, size, plaintext SHA-256), preceded by an invalidating line before a file is
+//     (path, size, plaintext SHA-256, and the inode and ctime of the file renamed, taken from a
+//     descriptor opened on it in staging), preceded by an invalidating line before a file is
 //     replaced; the last line per path wins. On tmpfs (TD-private memory, written only by us)
 //     the record plus a size, inode and ctime check establishes "identical" for files over 1 MiB (files up to
 //     1 MiB, such as manifests, are always re-hashed: it is free); on other file systems
@@ -449,6 +453,11 @@ func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
 	if err != nil || !st.Mode().IsRegular() || st.Size() != size {
 		return false
 	}
+	// A file someone else can write may change after this check without a trace in OUT's
+	// directories: not trusted as published, it is replaced by our own copy.
+	if sys, ok := st.Sys().(*syscall.Stat_t); !ok || int(sys.Uid) != os.Geteuid() || st.Mode().Perm()&0o022 != 0 {
+		return false
+	}
 	hexSum := hex.EncodeToString(sum[:])
 	if r := p.record[rel]; p.trustRecord && size > rehashBelow && r.Ino != 0 {
 		ino, ctime := inodeStamp(st)
@@ -523,7 +532,7 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 	})
 	for _, f := range ordered {
 		dst := filepath.FromSlash(f.rel)
-		if err := p.root.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		if err := mkdirAll(p.root, filepath.Dir(dst)); err != nil {
 			return fmt.Errorf("store: publish %s: %w", f.rel, err)
 		}
 		if _, ok := p.record[f.rel]; ok || exists(p.root, dst) {
@@ -531,16 +540,12 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 				return fmt.Errorf("store: record: %w", err)
 			}
 		}
-		if err := p.rename(f.rel); err != nil {
+		st, err := p.rename(f.rel)
+		if err != nil {
 			return fmt.Errorf("store: publish %s: %w", f.rel, err)
 		}
-		if testHookRenamed != nil {
-			testHookRenamed(f.rel)
-		}
 		fi := FileInfo{Path: f.rel, Size: f.size, SHA256: hex.EncodeToString(f.sum[:])}
-		if st, err := p.root.Lstat(dst); err == nil {
-			fi.Ino, fi.CtimeNS = inodeStamp(st)
-		}
+		fi.Ino, fi.CtimeNS = inodeStamp(st)
 		if err := p.appendRecord(fi); err != nil {
 			return fmt.Errorf("store: record: %w", err)
 		}
@@ -566,26 +571,41 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 // descriptors, both opened inside their roots: the staging directory (in p.meta, which only
 // we can write) and rel's parent in OUT. So the file renamed is the one we staged, and it
 // lands below OUT even if someone swaps directories in OUT meanwhile. The destination
-// directory is fsynced.
-func (p *publisher) rename(rel string) error {
+// directory is fsynced. It returns the renamed file's status after the rename, taken from a
+// descriptor opened on it in staging: the inode and ctime the publish record pins are those of
+// the file we verified, never of whatever another process put at rel after the rename.
+func (p *publisher) rename(rel string) (os.FileInfo, error) {
 	dir, base := path.Split(rel)
 	if dir == "" {
 		dir = "."
 	}
 	from, err := p.meta.Open(filepath.Join(StagingDir, filepath.FromSlash(dir)))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer from.Close()
+	staged, err := p.meta.OpenFile(stagePath(rel), os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer staged.Close()
 	to, err := p.root.Open(filepath.FromSlash(dir))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer to.Close()
 	if err := unix.Renameat(int(from.Fd()), base, int(to.Fd()), base); err != nil {
-		return &os.LinkError{Op: "rename", Old: stagePath(rel), New: rel, Err: err}
+		return nil, &os.LinkError{Op: "rename", Old: stagePath(rel), New: rel, Err: err}
 	}
-	return to.Sync()
+	if testHookRenamed != nil {
+		testHookRenamed(rel)
+	}
+	// After the rename: renaming changes the file's ctime.
+	st, err := staged.Stat()
+	if err != nil {
+		return nil, err
+	}
+	return st, to.Sync()
 }
 
 // readyMatches reports whether OUT's ready marker already describes exactly this model and
@@ -605,6 +625,36 @@ func (p *publisher) readyMatches(kind, modelSHA string, files []FileInfo) bool {
 		}
 	}
 	return true
+}
+
+// mkdirAll creates dir and its missing parents in root with mode 0755 whatever the umask
+// (the runtime, often another user, must traverse them); existing directories are left as
+// they are.
+func mkdirAll(root *os.Root, dir string) error {
+	if dir == "." {
+		return nil
+	}
+	if st, err := root.Stat(dir); err == nil {
+		if !st.IsDir() {
+			return &os.PathError{Op: "mkdir", Path: dir, Err: syscall.ENOTDIR}
+		}
+		return nil
+	}
+	if err := mkdirAll(root, filepath.Dir(dir)); err != nil {
+		return err
+	}
+	if err := root.Mkdir(dir, 0o755); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil
+		}
+		return err
+	}
+	d, err := root.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Chmod(0o755)
 }
 
 func exists(root *os.Root, name string) bool {
@@ -648,6 +698,11 @@ func (p *publisher) mkStaged(rel string, size int64) (*os.File, error) {
 	}
 	f, err := p.meta.OpenFile(sp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
+		return nil, err
+	}
+	// 0644 whatever the umask: the runtime (Ollama, often another user) must read it.
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
 		return nil, err
 	}
 	if size > 0 {
