@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -8,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -26,6 +28,10 @@ func Listen(cfg Config) ([]net.Listener, error) {
 	}
 	if cfg.Socket == "" && cfg.Listen == "" {
 		return nil, fmt.Errorf("%w: neither a unix socket nor a TCP address to listen on", ErrConfig)
+	}
+	if strings.HasPrefix(cfg.Socket, "@") {
+		// Go would bind it in the abstract namespace, which has no file permissions.
+		return nil, fmt.Errorf("%w: socket %q would be an abstract unix socket, which anyone may connect to; give a file path", ErrConfig, cfg.Socket)
 	}
 	var tcpAddr string
 	if cfg.Listen != "" {
@@ -79,20 +85,57 @@ func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("%w: socket directory: %w", ErrListen, err)
 	}
+	if err := checkSocketDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
 	if err := removeStale(path); err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("unix", path)
+	l, err := bindUnix(path, mode)
 	if err != nil {
 		return nil, fmt.Errorf("%w: unix socket %s: %w", ErrListen, path, err)
 	}
-	// Until this chmod the socket has the umask's mode (0755 with the usual 022: nobody but
-	// the owner may connect, since connecting needs write permission).
 	if err := os.Chmod(path, mode); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("%w: unix socket %s: %w", ErrListen, path, err)
 	}
 	return l, nil
+}
+
+// checkSocketDir refuses a socket directory in which anyone but this user (or root) can
+// rename or remove entries: they could swap the socket for a symlink before its chmod (which
+// follows it) or for a socket of their own. A sticky directory (like /tmp) owned by this user
+// or root protects each entry for its owner.
+func checkSocketDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("%w: socket directory: %w", ErrListen, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	trustedOwner := int(st.Uid) == os.Geteuid() || st.Uid == 0
+	if !trustedOwner || (fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0) {
+		return fmt.Errorf("%w: socket directory %s (mode %v, owner uid %d) is writable by others; use a directory only this user (uid %d) can write",
+			ErrListen, dir, fi.Mode().Perm(), st.Uid, os.Geteuid())
+	}
+	return nil
+}
+
+// bindUnix listens on a new unix socket at path, created with at most mode's permissions. The
+// socket is fchmod-ed before bind, because Linux creates the path with the socket's mode less
+// the umask: a socket bound with the default 0777 would, under a permissive umask, let anyone
+// connect before the caller's chmod and keep that connection (connect is the only check).
+func bindUnix(path string, mode os.FileMode) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = syscall.Fchmod(int(fd), uint32(mode.Perm())) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	return lc.Listen(context.Background(), "unix", path)
 }
 
 // removeStale removes path if it is a socket nobody listens on.

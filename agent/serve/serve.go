@@ -87,7 +87,9 @@ type Config struct {
 	Platform Platform
 	// Socket is the unix socket path ("" = no unix socket). Listen creates its parent
 	// directory (0750) if missing and removes a stale socket left by a dead server; it never
-	// removes anything that is not a socket, nor the socket of a live server.
+	// removes anything that is not a socket, nor the socket of a live server. It refuses a
+	// directory that anyone but this user or root can write (unless sticky) and an abstract
+	// socket ("@name").
 	Socket string
 	// SocketMode is the socket's permission bits; 0 = DefaultSocketMode (0660). Remember that
 	// the parent directory's permissions also gate who can reach it.
