@@ -80,8 +80,9 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 			}
 			// Verifiers refuse a cc_eventlog of more than MaxRecords records (firmware
 			// and agent together): evidence past this could never be verified.
-			if len(l.Records) >= MaxOwnRecords {
-				return fmt.Errorf("%w: %w: it holds %d measurements, the most a verifiable log leaves room for; refusing to extend RTMR3", ErrMeasure, ErrLogFull, len(l.Records))
+			if len(l.Records) >= MaxOwnRecords || off+int64(len(rec)) > MaxOwnLogSize {
+				return fmt.Errorf("%w: %w: it holds %d measurements in %d bytes, the most a verifiable log leaves room for (%d, %d bytes); refusing to extend RTMR3",
+					ErrMeasure, ErrLogFull, len(l.Records), off, MaxOwnRecords, MaxOwnLogSize)
 			}
 		}
 		newV := rtmr.ExtendValue(old, d)

@@ -71,6 +71,10 @@ const (
 // CCELPath is the firmware CCEL data (ACPI CCEL log area), relative to the root.
 const CCELPath = "sys/firmware/acpi/tables/data/CCEL"
 
+// MaxOwnLogSize bounds the agent's own log in bytes, so that evidence carrying it stays well
+// within what readers accept (64 MiB for a log, 128 MiB for a bundle in base64).
+const MaxOwnLogSize = 16 << 20
+
 // MaxOwnRecords is the most measurements the agent's own log takes: half of what a verifier
 // accepts in a whole cc_eventlog (eventlog.MaxRecords), the rest being left to the firmware's.
 const MaxOwnRecords = tcg.MaxRecords / 2

@@ -698,3 +698,27 @@ func TestMeasureRefusesFullLog(t *testing.T) {
 	require.Contains(t, err.Error(), "32768 measurements")
 	assert.Equal(t, r3, e.k.RTMR(3))
 }
+
+// The own log also stops at MaxOwnLogSize bytes (big events fill it before the record count).
+func TestMeasureRefusesLogOverSize(t *testing.T) {
+	e := newEnv(t)
+	var log []byte
+	var r3 [48]byte
+	big := strings.Repeat("x", 16<<10)
+	for i := 0; len(log) < MaxOwnLogSize-(16<<10); i++ {
+		ev := Event{Domain: "example.com", Operation: strconv.Itoa(i), Content: big}
+		rec, d := tcg.AAELRecord(ev.Text())
+		log = append(log, rec...)
+		r3 = rtmr.ExtendValue(r3, d)
+	}
+	require.NoError(t, os.MkdirAll(e.state, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(e.state, EventLogFile), log, 0o600))
+	e.k.SetRTMR(3, r3)
+	p := e.open(t, TEETDX)
+	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "last", Content: big})
+	require.ErrorIs(t, err, ErrLogFull)
+	assert.Equal(t, r3, e.k.RTMR(3))
+	// A small one still fits.
+	_, err = p.Measure(context.Background(), Event{Domain: "example.com", Operation: "small", Content: "x"})
+	require.NoError(t, err)
+}
