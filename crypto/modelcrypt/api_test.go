@@ -210,14 +210,16 @@ func TestManifestRejects(t *testing.T) {
 		assert.Error(t, m.validate(), name)
 	}
 	for name, raw := range map[string]string{
-		"not canonical (space)": strings.Replace(string(b), `"kind":`, `"kind": `, 1),
-		"not canonical (order)": strings.Replace(string(b), `{"chunk_size":64,`, `{"shard_size":128,"chunk_size":64,`, 1),
-		"unknown field":         strings.Replace(string(b), `{"chunk_size"`, `{"x":1,"chunk_size"`, 1),
-		"trailing":              string(b) + " {}",
-		"upper hex":             strings.Replace(string(b), `"sha256":"00`, `"sha256":"0A`, 1),
-		"short hex":             strings.Replace(string(b), `"sha256":"00`, `"sha256":"`, 1),
-		"null":                  "null",
-		"float":                 strings.Replace(string(b), `"chunk_size":64`, `"chunk_size":64.5`, 1),
+		"not canonical (space)":  strings.Replace(string(b), `"kind":`, `"kind": `, 1),
+		"not canonical (order)":  strings.Replace(string(b), `{"chunk_size":64,`, `{"shard_size":128,"chunk_size":64,`, 1),
+		"unknown field":          strings.Replace(string(b), `{"chunk_size"`, `{"x":1,"chunk_size"`, 1),
+		"unknown field in file":  strings.Replace(string(b), `{"path"`, `{"x":1,"path"`, 1),
+		"unknown field in shard": strings.Replace(string(b), `{"chunks"`, `{"a":1,"chunks"`, 1),
+		"trailing":               string(b) + " {}",
+		"upper hex":              strings.Replace(string(b), `"sha256":"00`, `"sha256":"0A`, 1),
+		"short hex":              strings.Replace(string(b), `"sha256":"00`, `"sha256":"`, 1),
+		"null":                   "null",
+		"float":                  strings.Replace(string(b), `"chunk_size":64`, `"chunk_size":64.5`, 1),
 	} {
 		_, err := parseManifest([]byte(raw))
 		require.ErrorIs(t, err, ErrCorrupt, name)

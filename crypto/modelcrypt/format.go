@@ -114,6 +114,38 @@ type jsonShard struct {
 	Size   int64  `json:"size"`
 }
 
+// UnmarshalJSON decodes one file entry and rejects it at once unless it has a 64-character
+// digest, so each accepted entry costs at least ~80 bytes of manifest: a hostile manifest of
+// tiny entries ({} or null) cannot make the parser allocate many times its size (SPEC.md §8).
+// Everything else is checked by parseManifest.
+func (f *jsonFile) UnmarshalJSON(b []byte) error {
+	type plain jsonFile
+	var p plain
+	if err := json.Unmarshal(b, &p); err != nil { // unknown fields fail the canonical check
+		return err
+	}
+	if len(p.SHA256) != 64 {
+		return fmt.Errorf("file entry without a 64-digit sha256")
+	}
+	*f = jsonFile(p)
+	return nil
+}
+
+// UnmarshalJSON decodes one shard entry and rejects it at once unless it names an object and
+// has at least one chunk (see jsonFile.UnmarshalJSON).
+func (s *jsonShard) UnmarshalJSON(b []byte) error {
+	type plain jsonShard
+	var p plain
+	if err := json.Unmarshal(b, &p); err != nil { // unknown fields fail the canonical check
+		return err
+	}
+	if p.Object == "" || p.Chunks < 1 {
+		return fmt.Errorf("shard entry without object or chunks")
+	}
+	*s = jsonShard(p)
+	return nil
+}
+
 // marshalManifest returns the canonical (JCS) manifest bytes.
 func marshalManifest(m *Manifest) ([]byte, error) {
 	jm := jsonManifest{ChunkSize: m.ChunkSize, Kind: m.Kind, OllamaModel: m.OllamaModel, ShardSize: m.ShardSize,
