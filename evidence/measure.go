@@ -51,7 +51,7 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 		return nil, err
 	}
 	var digest [48]byte
-	err := p.locked(func() error {
+	err := p.lockedCtx(ctx, func() error {
 		if p.regs == nil {
 			return fmt.Errorf("%w: %w", ErrMeasure, p.regsErr)
 		}

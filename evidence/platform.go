@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sync"
 	"syscall"
 
 	"github.com/google/go-configfs-tsm/configfs/configfsi"
@@ -93,7 +92,7 @@ type Platform struct {
 	regs     rtmr.Registers // nil when the kernel cannot extend (regsErr says why)
 	regsErr  error
 
-	mu   sync.Mutex
+	mu   chan struct{} // a 1-slot semaphore: the in-process lock, which a caller can stop waiting for
 	lock *os.File
 	// hook, when set by tests, runs after each step of a measurement; an error aborts the
 	// measurement there, as a crash would.
@@ -122,7 +121,7 @@ func Open(ctx context.Context, opts Options) (*Platform, error) {
 	if k == nil {
 		k = rtmr.OS
 	}
-	p := &Platform{stateDir: opts.StateDir, root: root}
+	p := &Platform{stateDir: opts.StateDir, root: root, mu: make(chan struct{}, 1)}
 	switch opts.TEE {
 	case TEESample:
 		p.tee = TEESample
@@ -212,8 +211,8 @@ func (p *Platform) StateDir() string { return p.stateDir }
 
 // Close releases the state directory lock file.
 func (p *Platform) Close() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.mu <- struct{}{}
+	defer func() { <-p.mu }()
 	if p.lock == nil {
 		return nil
 	}
@@ -222,10 +221,21 @@ func (p *Platform) Close() error {
 	return err
 }
 
-// locked runs f holding the in-process mutex and the state directory's flock.
-func (p *Platform) locked(f func() error) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+// locked runs f holding the in-process lock and the state directory's flock.
+func (p *Platform) locked(f func() error) error { return p.lockedCtx(context.Background(), f) }
+
+// lockedCtx is locked, giving up with ctx's error while still waiting for the in-process lock
+// (held, say, by a quote that hangs); once the lock is held, f runs only if ctx is not done.
+func (p *Platform) lockedCtx(ctx context.Context, f func() error) error {
+	select {
+	case p.mu <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-p.mu }()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if p.lock == nil {
 		return fmt.Errorf("evidence: platform is closed")
 	}

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-configfs-tsm/configfs/configfsi"
 	"github.com/stretchr/testify/assert"
@@ -721,4 +722,31 @@ func TestMeasureRefusesLogOverSize(t *testing.T) {
 	// A small one still fits.
 	_, err = p.Measure(context.Background(), Event{Domain: "example.com", Operation: "small", Content: "x"})
 	require.NoError(t, err)
+}
+
+// A measurement waiting for the platform (held, say, by a hung quote) gives up when its
+// context ends, and measures nothing later.
+func TestMeasureGivesUpWaiting(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEETDX)
+	held, release := make(chan struct{}), make(chan struct{})
+	go p.locked(func() error { close(held); <-release; return nil })
+	<-held
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Measure(ctx, Event{Domain: "example.com", Operation: "Late", Content: "x"})
+		done <- err
+	}()
+	cancel()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, context.Canceled)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Measure kept waiting for the platform after its context ended")
+	}
+	close(release)
+	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Next", Content: "y"})
+	require.NoError(t, err)
+	assert.Equal(t, 1, e.k.Extends(), "only the second measurement")
 }
