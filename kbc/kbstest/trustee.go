@@ -72,8 +72,9 @@ type Trustee struct {
 	// SessionTimeout is the session lifetime; 0 = 5 minutes (Trustee's default).
 	SessionTimeout time.Duration
 	// AllowedTEEs are the TEEs the resource policy releases to; nil = tdx and sample.
-	// Others attest but get 403 PolicyDeny on resources (Trustee's default policy denies
-	// sample evidence; this test server allows it).
+	// Others attest but get 401 PolicyDeny on resources (Trustee answers 401 to every error
+	// but a bad path or plugin; its default policy denies sample evidence, this server
+	// allows it).
 	AllowedTEEs []string
 	// Now is the clock; nil = time.Now.
 	Now func() time.Time
@@ -146,18 +147,31 @@ func (t *Trustee) timeout() time.Duration {
 	return 5 * time.Minute
 }
 
-// Trustee error variants (kbs/src/error.rs) with their HTTP status.
+// Trustee error variants (kbs/src/error.rs) with their HTTP status: 404 for
+// InvalidRequestPath and PluginNotFound, 401 for every other one. cause is what Trustee logs
+// but does not send.
 type kbsError struct {
 	status  int
 	variant string
 	detail  string
+	cause   string
 }
 
 func (e *kbsError) Error() string { return e.detail }
 
-func errAttestation(format string, args ...any) *kbsError {
-	return &kbsError{http.StatusUnauthorized, "AttestationError", "Attestation error: " + fmt.Sprintf(format, args...)}
+// errAuth is a failed /auth: Trustee's RcarAuthFailed shows its cause.
+func errAuth(format string, args ...any) *kbsError {
+	return &kbsError{http.StatusUnauthorized, "AttestationError", "Attestation error: RCAR handshake Auth failed: " + fmt.Sprintf(format, args...), ""}
 }
+
+// errAttest is a failed /attest: Trustee's RcarAttestFailed does not show its cause (nonce,
+// session, evidence, binding or init-data), it only logs it.
+func errAttest(format string, args ...any) *kbsError {
+	return &kbsError{http.StatusUnauthorized, "AttestationError", "Attestation error: RCAR handshake Attest failed", fmt.Sprintf(format, args...)}
+}
+
+// errTokenNotFound is a resource request without an attested session.
+var errTokenNotFound = &kbsError{status: http.StatusUnauthorized, variant: "TokenNotFound", detail: "Attestation Token not found"}
 
 // maxRequest is Trustee's default payload_request_size (2 MiB).
 const maxRequest = 2 << 20
@@ -168,14 +182,18 @@ func (t *Trustee) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	t.serve(rec, r)
 	if t.Log != nil {
-		t.Log.Info("kbs request", "method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond))
+		attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond)}
+		if rec.cause != "" {
+			attrs = append(attrs, "error", rec.cause)
+		}
+		t.Log.Info("kbs request", attrs...)
 	}
 }
 
 func (t *Trustee) serve(w http.ResponseWriter, r *http.Request) {
 	rest, ok := strings.CutPrefix(r.URL.Path, "/kbs/v0/")
 	if !ok {
-		t.fail(w, &kbsError{http.StatusNotFound, "InvalidRequestPath", "Request path " + r.URL.Path + " is invalid"})
+		t.fail(w, &kbsError{http.StatusNotFound, "InvalidRequestPath", "Request path " + r.URL.Path + " is invalid", ""})
 		return
 	}
 	seg := strings.Split(rest, "/")
@@ -188,10 +206,10 @@ func (t *Trustee) serve(w http.ResponseWriter, r *http.Request) {
 	case seg[0] == "resource" && r.Method == http.MethodGet:
 		step = StepResource
 	case seg[0] == "auth" || seg[0] == "attest" || seg[0] == "resource":
-		t.fail(w, &kbsError{http.StatusNotFound, "InvalidRequestPath", "Request path " + r.URL.Path + " is invalid"})
+		t.fail(w, &kbsError{http.StatusNotFound, "InvalidRequestPath", "Request path " + r.URL.Path + " is invalid", ""})
 		return
 	default:
-		t.fail(w, &kbsError{http.StatusNotFound, "PluginNotFound", "Plugin " + seg[0] + " not found"})
+		t.fail(w, &kbsError{http.StatusNotFound, "PluginNotFound", "Plugin " + seg[0] + " not found", ""})
 		return
 	}
 	if t.Intercept != nil && t.Intercept(step, w, r) {
@@ -209,13 +227,19 @@ func (t *Trustee) serve(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var ke *kbsError
 		if !errors.As(err, &ke) {
-			ke = &kbsError{http.StatusUnauthorized, "SerdeError", "Serialize/Deserialize failed"}
+			ke = &kbsError{http.StatusUnauthorized, "SerdeError", "Serialize/Deserialize failed", err.Error()}
 		}
 		t.fail(w, ke)
 	}
 }
 
 func (t *Trustee) fail(w http.ResponseWriter, e *kbsError) {
+	if rec, ok := w.(*statusRecorder); ok {
+		rec.cause = e.detail
+		if e.cause != "" {
+			rec.cause += ": " + e.cause
+		}
+	}
 	b, _ := json.Marshal(ErrorInformation{ErrorTypePrefix + e.variant, e.detail})
 	w.WriteHeader(e.status)
 	w.Write(b)
@@ -239,15 +263,14 @@ func (t *Trustee) reply(w http.ResponseWriter, step string, body []byte) {
 	w.Write(body)
 }
 
+// readJSON reads the body into v. An oversized body is a *kbsError (413); a malformed one a
+// plain error, which the step reports as Trustee does.
 func readJSON(r *http.Request, v any) error {
 	b, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxRequest))
 	if err != nil {
-		return &kbsError{http.StatusRequestEntityTooLarge, "SerdeError", "Serialize/Deserialize failed"}
+		return &kbsError{http.StatusRequestEntityTooLarge, "SerdeError", "Serialize/Deserialize failed", err.Error()}
 	}
-	if err := json.Unmarshal(b, v); err != nil {
-		return &kbsError{http.StatusUnauthorized, "SerdeError", "Serialize/Deserialize failed"}
-	}
-	return nil
+	return json.Unmarshal(b, v)
 }
 
 // auth handles POST /kbs/v0/auth.
@@ -258,18 +281,22 @@ func (t *Trustee) auth(w http.ResponseWriter, r *http.Request) error {
 		ExtraParams json.RawMessage `json:"extra-params"`
 	}
 	if err := readJSON(r, &req); err != nil {
-		return err
+		var ke *kbsError
+		if errors.As(err, &ke) {
+			return ke
+		}
+		return errAuth("deserialize Request")
 	}
 	if req.Version == nil || req.TEE == nil || req.ExtraParams == nil {
-		return &kbsError{http.StatusUnauthorized, "SerdeError", "Serialize/Deserialize failed"}
+		return errAuth("deserialize Request")
 	}
 	if *req.Version != t.version() {
-		return errAttestation("RCAR handshake Auth failed: KBS Client Protocol Version Mismatch: expect =%s while the request is %s", t.version(), *req.Version)
+		return errAuth("KBS Client Protocol Version Mismatch: expect =%s while the request is %s", t.version(), *req.Version)
 	}
 	switch *req.TEE {
 	case evidence.TEETDX, evidence.TEESample:
 	default:
-		return errAttestation("RCAR handshake Auth failed: unsupported TEE %s in this test server", *req.TEE)
+		return errAuth("unsupported TEE %s in this test server", *req.TEE)
 	}
 	nb := make([]byte, 32)
 	rand.Read(nb)
@@ -313,23 +340,23 @@ func (t *Trustee) gcLocked() {
 	}
 }
 
-// sessionFor returns the live session named by the request's cookie.
-func (t *Trustee) sessionFor(r *http.Request) (string, *session, error) {
+// sessionFor returns the live session named by the request's cookie, or why there is none.
+func (t *Trustee) sessionFor(r *http.Request) (string, *session, string) {
 	c, err := r.Cookie("kbs-session-id")
 	if err != nil {
-		return "", nil, &kbsError{http.StatusUnauthorized, "TokenNotFound", "Attestation Token not found"}
+		return "", nil, "cookie not found"
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s, ok := t.sessions[c.Value]
 	if !ok {
-		return "", nil, errAttestation("Session not found")
+		return "", nil, "session not found"
 	}
 	if !t.now().Before(s.expires) {
 		delete(t.sessions, c.Value)
-		return "", nil, errAttestation("Session expired")
+		return "", nil, "session expired"
 	}
-	return c.Value, s, nil
+	return c.Value, s, ""
 }
 
 // typedPubKey is the server's typed view of a tee-pubkey (kbs-types TeePubKey, internally
@@ -398,23 +425,12 @@ func hashByName(name string) (hash.Hash, error) {
 	return nil, fmt.Errorf("unsupported hash %q", name)
 }
 
-// attest handles POST /kbs/v0/attest.
+// attest handles POST /kbs/v0/attest, in Trustee's order: cookie, Attestation (its
+// tee-pubkey typed), session, already attested, nonce, init-data, evidence.
 func (t *Trustee) attest(w http.ResponseWriter, r *http.Request) error {
-	id, s, err := t.sessionFor(r)
-	if err != nil {
-		return err
+	if _, err := r.Cookie("kbs-session-id"); err != nil {
+		return errAttest("cookie not found")
 	}
-	t.mu.Lock()
-	if s.attested {
-		// Trustee returns the stored token without re-verifying.
-		tok := s.token
-		t.mu.Unlock()
-		body, _ := json.Marshal(map[string]string{"token": tok})
-		t.setCookie(w, id, s)
-		t.reply(w, StepAttest, body)
-		return nil
-	}
-	t.mu.Unlock()
 	var att struct {
 		InitData    json.RawMessage `json:"init-data"`
 		RuntimeData *struct {
@@ -427,30 +443,49 @@ func (t *Trustee) attest(w http.ResponseWriter, r *http.Request) error {
 		} `json:"tee-evidence"`
 	}
 	if err := readJSON(r, &att); err != nil {
-		return err
+		var ke *kbsError
+		if errors.As(err, &ke) {
+			return ke
+		}
+		return errAttest("deserialize Attestation: %v", err)
 	}
 	if att.RuntimeData == nil || att.RuntimeData.Nonce == nil || att.TEEEvidence == nil || att.TEEEvidence.Primary == nil || att.TEEEvidence.Additional == nil {
-		return &kbsError{http.StatusUnauthorized, "SerdeError", "Serialize/Deserialize failed"}
+		return errAttest("deserialize Attestation: missing member")
 	}
+	pk, err := parsePubKey(att.RuntimeData.TEEPubKey)
+	if err != nil {
+		return errAttest("deserialize Attestation: tee-pubkey: %v", err)
+	}
+	id, s, why := t.sessionFor(r)
+	if why != "" {
+		return errAttest("%s", why)
+	}
+	t.mu.Lock()
+	if s.attested {
+		// Trustee returns the stored token without re-verifying.
+		tok := s.token
+		t.mu.Unlock()
+		body, _ := json.Marshal(map[string]string{"token": tok})
+		t.setCookie(w, id, s)
+		t.reply(w, StepAttest, body)
+		return nil
+	}
+	t.mu.Unlock()
 	if len(att.InitData) > 0 && string(att.InitData) != "null" {
 		var id struct {
 			Format string `json:"format"`
 			Body   string `json:"body"`
 		}
 		if json.Unmarshal(att.InitData, &id) != nil || id.Format != "toml" {
-			return errAttestation("RCAR handshake Attest failed: unsupported init-data (want null or format toml)")
+			return errAttest("unsupported init-data (want null or format toml)")
 		}
 	}
 	if *att.RuntimeData.Nonce != s.nonce {
-		return errAttestation("RCAR handshake Attest failed: runtime-data nonce does not match the challenge")
-	}
-	pk, err := parsePubKey(att.RuntimeData.TEEPubKey)
-	if err != nil {
-		return errAttestation("RCAR handshake Attest failed: tee-pubkey: %v", err)
+		return errAttest("runtime-data nonce differs from the session's challenge")
 	}
 	h, err := hashByName(t.SelectedHash)
 	if err != nil {
-		return errAttestation("%v", err)
+		return errAttest("%v", err)
 	}
 	pre, err := evidence.CanonicalJSON(struct {
 		Additional string `json:"additional-evidence"`
@@ -458,16 +493,16 @@ func (t *Trustee) attest(w http.ResponseWriter, r *http.Request) error {
 		TEEPubKey  any    `json:"tee-pubkey"`
 	}{*att.TEEEvidence.Additional, s.nonce, pk.value()})
 	if err != nil {
-		return errAttestation("%v", err)
+		return errAttest("%v", err)
 	}
 	h.Write(pre)
 	digest := h.Sum(nil)
 	if err := checkBinding(s.tee, att.TEEEvidence.Primary, digest); err != nil {
-		return errAttestation("RCAR handshake Attest failed: Verifier evaluate failed: %v", err)
+		return errAttest("verify TEE evidence failed: %v", err)
 	}
 	tok, err := t.token(s, pk, *att.TEEEvidence.Additional)
 	if err != nil {
-		return errAttestation("%v", err)
+		return errAttest("%v", err)
 	}
 	t.mu.Lock()
 	s.attested, s.token, s.pubkey = true, tok, pk
@@ -568,15 +603,16 @@ func b64u(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
 
 // resource handles GET /kbs/v0/resource/<repo>/<type>/<tag>.
 func (t *Trustee) resource(w http.ResponseWriter, r *http.Request, seg []string) error {
-	_, s, err := t.sessionFor(r)
-	if err != nil {
-		return err
+	_, s, why := t.sessionFor(r)
+	if why != "" {
+		// Trustee then looks for a bearer token, finds none: TokenNotFound.
+		return errTokenNotFound
 	}
 	t.mu.Lock()
 	attested, pk, tee := s.attested, s.pubkey, s.tee
 	t.mu.Unlock()
 	if !attested {
-		return &kbsError{http.StatusUnauthorized, "TokenNotFound", "Attestation Token not found"}
+		return errTokenNotFound
 	}
 	allowed := t.AllowedTEEs
 	if allowed == nil {
@@ -587,21 +623,21 @@ func (t *Trustee) resource(w http.ResponseWriter, r *http.Request, seg []string)
 		ok = ok || a == tee
 	}
 	if !ok {
-		return &kbsError{http.StatusForbidden, "PolicyDeny", "Access denied by policy"}
+		return &kbsError{http.StatusUnauthorized, "PolicyDeny", "Access denied by policy", ""}
 	}
 	if len(seg) != 3 || !kbc.ValidSegment(seg[0]) || !kbc.ValidSegment(seg[1]) || !kbc.ValidSegment(seg[2]) {
-		return &kbsError{http.StatusUnauthorized, "PluginInternalError", "Plugin internal error"}
+		return &kbsError{http.StatusUnauthorized, "PluginInternalError", "Plugin internal error", "resource path must be repo/type/tag"}
 	}
 	t.mu.Lock()
 	secret, found := t.resources[strings.Join(seg, "/")]
 	t.mu.Unlock()
 	if !found {
 		// Trustee: the resource plugin bails, which maps to PluginInternalError (401).
-		return &kbsError{http.StatusUnauthorized, "PluginInternalError", "Plugin internal error"}
+		return &kbsError{http.StatusUnauthorized, "PluginInternalError", "Plugin internal error", "resource not found"}
 	}
 	body, err := sealJWE(pk, secret)
 	if err != nil {
-		return &kbsError{http.StatusUnauthorized, "JweError", "JWE failed"}
+		return &kbsError{http.StatusUnauthorized, "JweError", "JWE failed", err.Error()}
 	}
 	t.reply(w, StepResource, body)
 	return nil
@@ -734,6 +770,7 @@ type statusRecorder struct {
 	http.ResponseWriter
 	status int
 	n      int
+	cause  string // of an error answer, for the log
 }
 
 func (s *statusRecorder) WriteHeader(c int) { s.status = c; s.ResponseWriter.WriteHeader(c) }

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/url"
 	"regexp"
 	"strings"
 	"sync"
@@ -95,12 +96,12 @@ func TestTrusteeSessionExpiry(t *testing.T) {
 // A resource that stays unauthorized costs a bounded number of handshakes.
 func TestTrusteeBoundedHandshakes(t *testing.T) {
 	s, srv, auths := newTrustee(t)
-	s.AllowedTEEs = []string{"tdx"} // sample evidence attests, but the policy denies (403)
+	s.AllowedTEEs = []string{"tdx"} // sample evidence attests, but the policy denies (401, as Trustee)
 	c := trusteeClient(t, srv.URL, trustee.Options{})
 	_, err := c.GetResource(t.Context(), trusteeURI)
 	require.ErrorIs(t, err, kbc.ErrRefused)
 	require.Contains(t, err.Error(), "PolicyDeny: Access denied by policy")
-	require.EqualValues(t, 1, auths.Load())
+	require.EqualValues(t, 3, auths.Load(), "a 401 cannot tell a denial from an expired session")
 
 	_, srv, auths = newTrustee(t)
 	c = trusteeClient(t, srv.URL, trustee.Options{MaxHandshakes: 2})
@@ -138,7 +139,9 @@ func TestTrusteeHashAndKeyVariants(t *testing.T) {
 // The server checks what it can: bad paths are 404, requests without a session 401, a
 // re-attest on an attested session returns the stored token, and init-data must be TOML.
 func TestTrusteeServerRules(t *testing.T) {
-	_, srv, _ := newTrustee(t)
+	s, srv, _ := newTrustee(t)
+	var logs bytes.Buffer
+	s.Log = slog.New(slog.NewTextHandler(&logs, nil))
 	get := func(path string) (int, kbstest.ErrorInformation) {
 		resp, err := http.Get(srv.URL + path)
 		require.NoError(t, err)
@@ -207,7 +210,8 @@ func TestTrusteeServerRules(t *testing.T) {
 	}
 	code, body = attest(withKid, "null")
 	require.Equal(t, 401, code)
-	require.Contains(t, body, "report_data does not match")
+	require.Contains(t, body, `"detail":"Attestation error: RCAR handshake Attest failed"`)
+	require.Contains(t, logs.String(), "report_data does not match", "the cause is logged, not sent")
 }
 
 // Secrets never reach the logs, even at debug level, on success or on tampering.
@@ -225,4 +229,83 @@ func TestNoSecretInLogs(t *testing.T) {
 	require.Contains(t, buf.String(), "resource released")
 	require.NotContains(t, buf.String(), string(secret))
 	require.False(t, regexp.MustCompile(`MDEyMzQ1Njc4OWFi`).MatchString(buf.String()))
+}
+
+// Error answers as real Trustee gives them (kbs/src/error.rs: every variant but
+// InvalidRequestPath and PluginNotFound is 401; attestation/error.rs: RcarAttestFailed's
+// message omits its cause, RcarAuthFailed's shows it; api_server.rs: a resource request whose
+// session cannot give a token is TokenNotFound). The cause of a refused attestation goes only
+// to the server log, as Trustee logs it.
+func TestTrusteeErrorsAsTrustee(t *testing.T) {
+	var logs bytes.Buffer
+	s, srv, _ := newTrustee(t)
+	s.Log = slog.New(slog.NewTextHandler(&logs, nil))
+	do := func(hc *http.Client, method, path, body string) (int, kbstest.ErrorInformation) {
+		req, err := http.NewRequest(method, srv.URL+path, strings.NewReader(body))
+		require.NoError(t, err)
+		resp, err := hc.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		var e kbstest.ErrorInformation
+		if resp.StatusCode != 200 {
+			require.NoError(t, json.NewDecoder(resp.Body).Decode(&e))
+		}
+		return resp.StatusCode, e
+	}
+	plain := http.DefaultClient
+	type want struct {
+		status          int
+		variant, detail string
+	}
+	check := func(name string, code int, e kbstest.ErrorInformation, w want) {
+		t.Helper()
+		require.Equal(t, w, want{code, strings.TrimPrefix(e.Type, kbstest.ErrorTypePrefix), e.Detail}, name)
+	}
+	attestFailed := want{401, "AttestationError", "Attestation error: RCAR handshake Attest failed"}
+
+	code, e := do(plain, "POST", "/kbs/v0/auth", `{"version":"0.4.0"`)
+	check("auth: bad JSON", code, e, want{401, "AttestationError", "Attestation error: RCAR handshake Auth failed: deserialize Request"})
+	code, e = do(plain, "POST", "/kbs/v0/auth", `{"version":"0.4.0","tee":"sample"}`)
+	check("auth: no extra-params", code, e, want{401, "AttestationError", "Attestation error: RCAR handshake Auth failed: deserialize Request"})
+	code, e = do(plain, "POST", "/kbs/v0/attest", `{}`)
+	check("attest: no cookie", code, e, attestFailed)
+	cookie := func() *http.Client {
+		jar, _ := cookiejar.New(nil)
+		jar.SetCookies(mustURL(t, srv.URL), []*http.Cookie{{Name: trustee.SessionCookie, Value: "00000000000000000000000000000000"}})
+		return &http.Client{Jar: jar}
+	}()
+	code, e = do(cookie, "POST", "/kbs/v0/attest", `{}`)
+	check("attest: unknown session", code, e, attestFailed)
+	code, e = do(cookie, "GET", "/kbs/v0/resource/default/model/key", "")
+	check("resource: unknown session", code, e, want{401, "TokenNotFound", "Attestation Token not found"})
+
+	// A session whose evidence does not bind the key: the detail omits why, the log has it.
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar}
+	resp, err := hc.Post(srv.URL+"/kbs/v0/auth", "application/json", strings.NewReader(`{"version":"0.4.0","tee":"sample","extra-params":""}`))
+	require.NoError(t, err)
+	var ch struct{ Nonce string }
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&ch))
+	resp.Body.Close()
+	ev, err := kbstest.SampleAttester{}.Attest(t.Context(), [64]byte{})
+	require.NoError(t, err)
+	att, _ := json.Marshal(map[string]any{"init-data": nil,
+		"runtime-data": map[string]any{"nonce": ch.Nonce, "tee-pubkey": map[string]string{"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "AA", "y": "AA"}},
+		"tee-evidence": map[string]any{"primary_evidence": json.RawMessage(ev.Quote), "additional_evidence": ""}})
+	code, e = do(hc, "POST", "/kbs/v0/attest", string(att))
+	check("attest: binding", code, e, attestFailed)
+	require.Contains(t, logs.String(), "report_data does not match")
+
+	// Policy denial is 401 too; the client then redoes the handshake, as guest-components does.
+	s.AllowedTEEs = []string{evidence.TEETDX}
+	c := trusteeClient(t, srv.URL, trustee.Options{})
+	_, err = c.GetResource(t.Context(), trusteeURI)
+	require.ErrorIs(t, err, kbc.ErrRefused)
+	require.Contains(t, err.Error(), "HTTP 401 Unauthorized: PolicyDeny: Access denied by policy")
+}
+
+func mustURL(t *testing.T, s string) *url.URL {
+	u, err := url.Parse(s)
+	require.NoError(t, err)
+	return u
 }
