@@ -136,22 +136,24 @@ func Load(path string, opts Options) (*Input, error) {
 			break
 		}
 		in.Config = listed
+		seen := make(map[string]bool, len(listed.Files)) // a set: a big config must not cost quadratic time
 		for _, f := range listed.Files {
 			// The peer joins its -o argument onto the name; accept either separator.
 			b := baseName(f)
 			if !strings.HasSuffix(b, Suffix) {
 				return nil, fmt.Errorf("%w: %s: listed file %q does not end in %s", ErrFormat, ConfigName, f, Suffix)
 			}
-			if slices.Contains(names, b) {
+			if seen[b] {
 				return nil, fmt.Errorf("%w: %s: file %q listed twice", ErrFormat, ConfigName, b)
 			}
+			seen[b] = true
 			names = append(names, b)
 		}
 		if len(names) == 0 {
 			return nil, fmt.Errorf("%w: %s lists no files", ErrFormat, ConfigName)
 		}
 		for _, p := range present {
-			if !slices.Contains(names, p) {
+			if !seen[p] {
 				return nil, fmt.Errorf("%w: %s is not listed in %s", ErrFormat, p, ConfigName)
 			}
 		}

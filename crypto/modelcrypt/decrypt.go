@@ -60,12 +60,18 @@ func Open(ctx context.Context, src Source) (*Model, error) {
 		}
 		return nil, headerCorrupt("header object larger than %d bytes", maxHeaderSize)
 	}
-	return ParseHeader(buf.Bytes())
+	h, man, err := parseHeader(buf.Bytes()) // our own buffer: no copy needed
+	if err != nil {
+		return nil, err
+	}
+	return &Model{hdr: h, man: man, sum: sha256.Sum256(h.manifest)}, nil
 }
 
-// ParseHeader parses a complete header object, as Open does after reading it.
+// ParseHeader parses a complete header object, as Open does after reading it. The Model keeps
+// its own copy of b: a later change of the caller's bytes cannot make Unlock authenticate
+// other bytes than those parsed.
 func ParseHeader(b []byte) (*Model, error) {
-	h, man, err := parseHeader(b)
+	h, man, err := parseHeader(bytes.Clone(b))
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +304,7 @@ func (s *shardStream) read(i int64, enc []byte) error {
 // checkEnd verifies the object has no bytes after the final chunk.
 func (s *shardStream) checkEnd() error {
 	var b [1]byte
-	for {
+	for range 100 { // as io.ReadAtLeast: a reader that keeps returning (0, nil) makes no progress
 		n, err := s.rc.Read(b[:])
 		if n > 0 {
 			return s.corrupt(-1, "trailing data after the final chunk")
@@ -310,6 +316,7 @@ func (s *shardStream) checkEnd() error {
 			return fmt.Errorf("modelcrypt: file %q: read object %q: %w", s.file.Path, s.shard.Object, err)
 		}
 	}
+	return fmt.Errorf("modelcrypt: file %q: read object %q: %w", s.file.Path, s.shard.Object, io.ErrNoProgress)
 }
 
 func (s *shardStream) Close() error { return s.rc.Close() }

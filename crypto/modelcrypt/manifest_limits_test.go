@@ -2,9 +2,14 @@ package modelcrypt
 
 import (
 	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -40,5 +45,60 @@ func TestManifestParserMemoryBounded(t *testing.T) {
 			alloc := after.TotalAlloc - before.TotalAlloc
 			require.Less(t, alloc, uint64(8*b.Len()), "allocated %d MiB to reject a %d MiB manifest", alloc>>20, b.Len()>>20)
 		})
+	}
+}
+
+// ParseHeader keeps its own copy: changing the caller's bytes afterwards does not change what
+// Unlock authenticates.
+func TestParseHeaderCopies(t *testing.T) {
+	key := testKey(3)
+	dir, _ := encryptTo(t, key, map[string][]byte{"a.bin": pattern(1, 1000)}, EncryptOptions{ChunkSize: 64, ShardSize: 640})
+	b, err := os.ReadFile(filepath.Join(dir, HeaderObject))
+	require.NoError(t, err)
+	m, err := ParseHeader(b)
+	require.NoError(t, err)
+	for i := range b {
+		b[i] ^= 0xff
+	}
+	require.NoError(t, m.Unlock(key))
+}
+
+// zeroReads returns the object's bytes, then (0, nil) forever instead of io.EOF.
+type zeroReads struct{ src Source }
+
+type zeroAfter struct{ r io.Reader }
+
+func (z zeroAfter) Read(p []byte) (int, error) {
+	n, err := z.r.Read(p)
+	if err == io.EOF {
+		return n, nil
+	}
+	return n, err
+}
+func (zeroAfter) Close() error { return nil }
+
+func (s zeroReads) Open(ctx context.Context, name string, off int64) (io.ReadCloser, error) {
+	rc, err := s.src.Open(ctx, name, off)
+	if err != nil || name == HeaderObject {
+		return rc, err
+	}
+	return zeroAfter{rc}, nil
+}
+
+// A source whose reader never reports the end of an object is an error, not a hang.
+func TestSourceWithoutEOF(t *testing.T) {
+	key := testKey(4)
+	dir, _ := encryptTo(t, key, map[string][]byte{"a.bin": pattern(2, 1000)}, EncryptOptions{ChunkSize: 64, ShardSize: 640})
+	src := zeroReads{DirSource(dir)}
+	m, err := Open(context.Background(), src)
+	require.NoError(t, err)
+	require.NoError(t, m.Unlock(key))
+	done := make(chan error, 1)
+	go func() { _, err := m.Decrypt(context.Background(), src, newMemSink(), DecryptOptions{Workers: 1}); done <- err }()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, io.ErrNoProgress)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Decrypt hung on a reader that never ends")
 	}
 }
