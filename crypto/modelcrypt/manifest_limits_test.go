@@ -94,7 +94,10 @@ func TestSourceWithoutEOF(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, m.Unlock(key))
 	done := make(chan error, 1)
-	go func() { _, err := m.Decrypt(context.Background(), src, newMemSink(), DecryptOptions{Workers: 1}); done <- err }()
+	go func() {
+		_, err := m.Decrypt(context.Background(), src, newMemSink(), DecryptOptions{Workers: 1})
+		done <- err
+	}()
 	select {
 	case err := <-done:
 		require.ErrorIs(t, err, io.ErrNoProgress)
