@@ -21,9 +21,10 @@ func ReportDataOffset(quote []byte) int {
 
 // TSM returns go-configfs-tsm's faketsm (the report subsystem's generation and inblob rules)
 // answering provider (e.g. "tdx_guest") and, for outblob, the given quote — typically a REAL
-// fixture quote. With patchReportData, the quote's REPORTDATA field is replaced by the inblob
-// (zero-padded to 64 bytes, as the kernel does): the result is a FAKE whose signature no longer
-// verifies, but whose REPORTDATA binds what the caller asked. Without it, the quote is
+// fixture quote. Like the tdx_guest provider, reading outblob fails with EINVAL unless the
+// inblob is exactly 64 bytes (configfs-tsm does not pad it). With patchReportData, the
+// quote's REPORTDATA field is replaced by the inblob: the result is a FAKE whose signature no
+// longer verifies, but whose REPORTDATA binds what the caller asked. Without it, the quote is
 // returned unchanged and still verifies (with its own REPORTDATA).
 func TSM(quote []byte, patchReportData bool, provider string) configfsi.Client {
 	sub := faketsm.Report611(0)
@@ -34,15 +35,14 @@ func TSM(quote []byte, patchReportData bool, provider string) configfsi.Client {
 			return []byte(provider + "\n"), nil
 		case "outblob":
 			in := e.InAttrs["inblob"].Value
-			if len(in) == 0 {
+			if len(in) != 64 {
+				// tdx_report_new: the inblob must be exactly TDX_REPORTDATA_LEN bytes.
 				return nil, syscall.EINVAL
 			}
 			q := append([]byte{}, quote...)
 			if patchReportData {
-				var rd [64]byte
-				copy(rd[:], in)
 				if off := ReportDataOffset(q); off+64 <= len(q) {
-					copy(q[off:], rd[:])
+					copy(q[off:], in)
 				}
 			}
 			return q, nil

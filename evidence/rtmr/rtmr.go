@@ -19,6 +19,8 @@ const Size = 48
 
 var (
 	// ErrNotSupported: neither the sysfs files nor the ioctl device can extend RTMRs here.
+	// Open returns it when neither exists; Ioctl.Extend also wraps it when the device knows
+	// no extension request (mainline Linux 6.2–6.15).
 	ErrNotSupported = errors.New("RTMR extension is not supported by this kernel")
 	// ErrExtend: the kernel refused or failed an extension.
 	ErrExtend = errors.New("RTMR extension failed")
@@ -215,6 +217,12 @@ func (d *Ioctl) Extend(i int, digest [Size]byte) error {
 	err = dev.Ioctl(IoctlExtendRTMR, arg)
 	if errors.Is(err, syscall.ENOTTY) {
 		err = dev.Ioctl(IoctlExtendRTMRv3, arg)
+	}
+	if errors.Is(err, syscall.ENOTTY) {
+		// Neither numbering: a device without the extension ioctl (mainline Linux 6.2–6.15
+		// has TDX_CMD_GET_REPORT0 only).
+		return fmt.Errorf("%w: %w: %s has no TDX_CMD_EXTEND_RTMR (mainline Linux extends RTMRs only through tsm-mr sysfs, from 6.16): %w",
+			ErrExtend, ErrNotSupported, d.Path, err)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: TDX_CMD_EXTEND_RTMR(RTMR%d) on %s: %w", ErrExtend, i, d.Path, err)

@@ -70,7 +70,11 @@ func TestSysfs(t *testing.T) {
 	require.ErrorIs(t, err, syscall.EIO)
 }
 
-// The fake follows the kernel's tm_digest_write: one 48-byte write at offset 0, else EINVAL.
+// The fake follows sysfs_kf_bin_write (fs/sysfs/file.c), which clamps a write to the
+// attribute's 48 bytes and answers EFBIG at or past its end, then tm_digest_write
+// (drivers/virt/coco/guest/tsm-mr.c): one 48-byte write at offset 0, else EINVAL. Like
+// os.File.WriteAt, a longer write goes on after the clamped part and fails there — after the
+// RTMR was extended.
 func TestFakeSysfsKernelRules(t *testing.T) {
 	root := t.TempDir()
 	k := &rtmrtest.Kernel{Root: root, Sysfs: true}
@@ -78,15 +82,23 @@ func TestFakeSysfsKernelRules(t *testing.T) {
 	require.NoError(t, err)
 	_, err = f.WriteAt(make([]byte, 47), 0)
 	require.ErrorIs(t, err, syscall.EINVAL)
-	_, err = f.WriteAt(make([]byte, 49), 0)
-	require.ErrorIs(t, err, syscall.EINVAL)
 	_, err = f.WriteAt(make([]byte, 48), 1)
 	require.ErrorIs(t, err, syscall.EINVAL)
+	_, err = f.WriteAt(make([]byte, 1), 48)
+	require.ErrorIs(t, err, syscall.EFBIG)
 	assert.Equal(t, 0, k.Extends())
 	n, err := f.WriteAt(make([]byte, 48), 0)
 	require.NoError(t, err)
 	assert.Equal(t, 48, n)
 	assert.Equal(t, 1, k.Extends())
+	// 49 bytes: the first 48 extend, the 49th is past the end.
+	d := digest("long")
+	before := k.RTMR(3)
+	n, err = f.WriteAt(append(d[:], 0), 0)
+	require.ErrorIs(t, err, syscall.EFBIG)
+	assert.Equal(t, 48, n)
+	assert.Equal(t, 2, k.Extends())
+	assert.Equal(t, rtmr.ExtendValue(before, d), k.RTMR(3))
 	_, err = k.OpenFile(filepath.Join(root, rtmr.SysfsDir, "rtmr4:sha384"), os.O_RDONLY)
 	require.ErrorIs(t, err, os.ErrNotExist)
 }
@@ -144,4 +156,28 @@ func TestOSIoctlENOTTY(t *testing.T) {
 	got, err := s.Read(3)
 	require.NoError(t, err)
 	assert.Equal(t, digest("a"), got, "a regular file just stores the write")
+}
+
+// Mainline Linux 6.2–6.15 has /dev/tdx_guest with TDX_CMD_GET_REPORT0 only (tdx_guest_ioctl
+// answers ENOTTY to anything else): RTMRs read, but cannot be extended — ErrNotSupported.
+func TestIoctlWithoutExtend(t *testing.T) {
+	root := t.TempDir()
+	k := &rtmrtest.Kernel{Root: root, Ioctl: true, NoExtend: true}
+	r, err := rtmr.Open(k, root, "")
+	require.NoError(t, err)
+	_, err = r.Read(3)
+	require.NoError(t, err)
+	err = r.Extend(3, digest("a"))
+	require.ErrorIs(t, err, rtmr.ErrExtend)
+	require.ErrorIs(t, err, rtmr.ErrNotSupported)
+	require.ErrorIs(t, err, syscall.ENOTTY)
+	assert.Equal(t, 0, k.Extends())
+
+	// Other failures are not "not supported".
+	k = &rtmrtest.Kernel{Root: root, Ioctl: true, BeforeExtend: func(int) error { return syscall.EIO }}
+	r, err = rtmr.Open(k, root, "")
+	require.NoError(t, err)
+	err = r.Extend(3, digest("a"))
+	require.ErrorIs(t, err, rtmr.ErrExtend)
+	require.NotErrorIs(t, err, rtmr.ErrNotSupported)
 }

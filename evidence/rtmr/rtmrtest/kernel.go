@@ -1,7 +1,8 @@
 // Package rtmrtest is a fake TDX guest kernel for tests: the tsm-mr sysfs files and the
 // /dev/tdx_guest ioctls, with the kernel's rules (48-byte writes at offset 0 only, EINVAL
-// otherwise; EPERM for RTMR0/1 through the ioctl; ENOTTY for unknown requests) and SHA-384
-// extension. Hooks inject failures before or after an extension takes effect.
+// otherwise, longer writes clamped to 48 bytes and EFBIG past them; EPERM for RTMR0/1 through
+// the ioctl; ENOTTY for unknown requests) and SHA-384 extension. Hooks inject failures before
+// or after an extension takes effect.
 package rtmrtest
 
 import (
@@ -30,6 +31,9 @@ type Kernel struct {
 	Ioctl bool
 	// V3Only makes the device answer ENOTTY to 0x80315403, as Intel's "V3" driver numbering.
 	V3Only bool
+	// NoExtend makes the device answer ENOTTY to both extension requests, as mainline Linux
+	// 6.2–6.15, whose /dev/tdx_guest has TDX_CMD_GET_REPORT0 only.
+	NoExtend bool
 	// BeforeExtend, when set, runs before an extension; an error fails it (RTMR unchanged).
 	BeforeExtend func(index int) error
 	// AfterExtend, when set, runs after an extension took effect; an error is returned to the
@@ -139,18 +143,31 @@ func (f *file) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// WriteAt follows tm_digest_write: exactly 48 bytes at offset 0, otherwise EINVAL.
+// WriteAt is os.File.WriteAt on the attribute: sysfs_kf_bin_write answers EFBIG at or past
+// its 48 bytes and clamps a write to them, then tm_digest_write takes exactly 48 bytes at
+// offset 0 (otherwise EINVAL). A longer write at 0 thus extends with its first 48 bytes and
+// fails on the rest, as os.File.WriteAt writes on after a short pwrite.
 func (f *file) WriteAt(p []byte, off int64) (int, error) {
 	if f.flag&(os.O_WRONLY|os.O_RDWR) == 0 {
 		return 0, syscall.EBADF
 	}
-	if off != 0 || len(p) != rtmr.Size {
+	if off < 0 {
 		return 0, syscall.EINVAL
 	}
-	if err := f.k.extend(f.i, p); err != nil {
+	if off >= rtmr.Size {
+		return 0, syscall.EFBIG
+	}
+	n := min(len(p), rtmr.Size-int(off))
+	if off != 0 || n != rtmr.Size {
+		return 0, syscall.EINVAL
+	}
+	if err := f.k.extend(f.i, p[:n]); err != nil {
 		return 0, err
 	}
-	return len(p), nil
+	if n < len(p) {
+		return n, syscall.EFBIG
+	}
+	return n, nil
 }
 
 func (f *file) Close() error { return nil }
@@ -162,7 +179,7 @@ func (d device) Close() error { return nil }
 func (d device) Ioctl(req uint, arg []byte) error {
 	switch req {
 	case rtmr.IoctlExtendRTMR, rtmr.IoctlExtendRTMRv3:
-		if req == rtmr.IoctlExtendRTMR && d.k.V3Only {
+		if d.k.NoExtend || req == rtmr.IoctlExtendRTMR && d.k.V3Only {
 			return syscall.ENOTTY
 		}
 		if len(arg) != rtmr.Size+1 {
