@@ -42,7 +42,14 @@ func (d osDevice) Ioctl(req uint, arg []byte) error {
 	}
 	var errno unix.Errno
 	if err := rc.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(req), uintptr(unsafe.Pointer(&arg[0])))
+		// EINTR comes from the driver's interruptible lock, taken before the TDCALL: nothing
+		// happened, so the request is repeated (Go's runtime signals interrupt syscalls).
+		for {
+			_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(req), uintptr(unsafe.Pointer(&arg[0])))
+			if errno != unix.EINTR {
+				break
+			}
+		}
 	}); err != nil {
 		return err
 	}
