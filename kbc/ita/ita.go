@@ -193,7 +193,7 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 	}
 	resp, err := c.http.Do(ctx, httpc.Request{Method: http.MethodPost, Path: path, Header: hdr, Body: body, Retry: true})
 	if err != nil {
-		return nil, fmt.Errorf("ita: %w", err)
+		return nil, doError("", err, resp)
 	}
 	if resp.Status != http.StatusOK {
 		return nil, statusError("POST "+path, resp)
@@ -220,7 +220,7 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 func (c *Client) nonce(ctx context.Context, path string) (*Nonce, error) {
 	resp, err := c.http.Do(ctx, httpc.Request{Method: http.MethodPost, Path: path, Header: http.Header{"Accept": {"application/json"}}, Retry: true})
 	if err != nil {
-		return nil, fmt.Errorf("ita: nonce: %w", err)
+		return nil, doError("nonce: ", err, resp)
 	}
 	if resp.Status != http.StatusOK {
 		return nil, statusError("POST "+path+" (nonce)", resp)
@@ -243,6 +243,15 @@ func decodeJSON(b []byte, v any) error {
 		return fmt.Errorf("trailing data")
 	}
 	return nil
+}
+
+// doError wraps a failed request. A 5xx that outlived the retries keeps the KBS's explanation:
+// the KBS answers 502 also when Intel Trust Authority refuses the evidence.
+func doError(step string, err error, resp *httpc.Response) error {
+	if resp != nil {
+		return fmt.Errorf("ita: %s%w: %s", step, err, httpc.Detail(resp.Body))
+	}
+	return fmt.Errorf("ita: %s%w", step, err)
 }
 
 func statusError(step string, resp *httpc.Response) error {

@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/big"
 	"net/http"
@@ -34,9 +33,18 @@ import (
 // user_data as u32le(e) ‖ big-endian n (more than 2048 bits) and wraps keys for real
 // (RSA-OAEP-SHA-256 SWK, crypto/ccz AES-GCM).
 //
+// As the real KBS (intel/trustauthority-kbs, transport/http/key_transfer.go and
+// service/key_transfer.go) it routes only version-4 UUIDs and POST (else 404/405); wants
+// Accept: application/json, and Content-Type: application/json on any non-empty body (else
+// 415); answers an empty body without Attestation-Type with a nonce and refuses a non-empty
+// one that has neither Attestation-Type nor attestation_token (400); refuses unknown JSON
+// members (400); and writes errors as {"error": "<status>: <message>"} ({"error": "<message>"}
+// for the 400/415 request checks).
+//
 // Differences from the real service, documented: a failed evidence check answers 401 here
-// (the real KBS relays the appraisal failure as 502 "Error retrieving token from appraisal
-// service"); error bodies are {"message": …}; PEM user_data is not accepted.
+// (the real KBS relays the appraisal failure as 502 "Error retrieving token from Trust
+// Authority service", which a client retries and then reports as a transport error); there is
+// no key-transfer policy beyond the TDX attestation type; request bodies are limited to 1 MiB.
 type ITA struct {
 	// RequireNonce refuses background-check requests without a nonce.
 	RequireNonce bool
@@ -57,12 +65,13 @@ type ITA struct {
 // NewITA returns an ITA server with no keys.
 func NewITA() *ITA { return &ITA{} }
 
-var idRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+// idRE is the KBS route's key id: a version-4 UUID (constant.UUIDReg).
+var idRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$`)
 
-// SetKey stores key under the UUID id.
+// SetKey stores key under id, a version-4 UUID (the only ids the KBS creates and routes).
 func (s *ITA) SetKey(id string, key []byte) error {
 	if !idRE.MatchString(id) {
-		return fmt.Errorf("kbstest: key id %q is not a UUID", id)
+		return fmt.Errorf("kbstest: key id %q is not a version-4 UUID", id)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -91,12 +100,26 @@ func (s *ITA) secrets() ([]byte, *ecdsa.PrivateKey) {
 	return s.nonceKey, s.tokenKey
 }
 
+// itaError is a refusal. The KBS's request checks answer their message as is; its service's
+// errors (HandledError) answer "<status>: <message>".
 type itaError struct {
-	status int
-	msg    string
+	status  int
+	msg     string
+	handled bool
 }
 
-func (e *itaError) Error() string { return e.msg }
+func (e *itaError) Error() string {
+	if e.handled {
+		return fmt.Sprintf("%d: %s", e.status, e.msg)
+	}
+	return e.msg
+}
+
+// handled is a service error. Errors of the KBS's validateClaimsAndGetKey are wrapped twice
+// there, so their message is itself "0: <message>".
+func handled(status int, msg string) error { return &itaError{status, msg, true} }
+
+func keyError(status int, msg string) error { return handled(status, "0: "+msg) }
 
 // ServeHTTP implements http.Handler.
 func (s *ITA) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -111,34 +134,37 @@ func (s *ITA) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (s *ITA) serve(w http.ResponseWriter, r *http.Request) {
 	rest, ok := strings.CutPrefix(r.URL.Path, "/kbs/v1/keys/")
 	id, ok2 := strings.CutSuffix(rest, "/transfer")
-	if !ok || !ok2 || !idRE.MatchString(id) || r.Method != http.MethodPost {
+	if !ok || !ok2 || !idRE.MatchString(id) {
 		http.NotFound(w, r)
 		return
 	}
+	if r.Method != http.MethodPost {
+		w.WriteHeader(http.StatusMethodNotAllowed) // gorilla/mux: no body
+		return
+	}
 	step := StepTransfer
-	if r.Header.Get("Attestation-Type") == "" && r.ContentLength <= 0 {
+	if r.Header.Get("Attestation-Type") == "" && r.ContentLength == 0 {
 		step = StepNonce
 	}
 	if s.Intercept != nil && s.Intercept(step, w, r) {
 		return
 	}
-	body, err := s.transfer(r, strings.ToLower(id))
+	body, attType, err := s.transfer(r, strings.ToLower(id))
 	if err != nil {
 		var ie *itaError
 		if !errors.As(err, &ie) {
-			ie = &itaError{http.StatusInternalServerError, err.Error()}
+			ie = &itaError{http.StatusInternalServerError, err.Error(), true}
 		}
-		b, _ := json.Marshal(map[string]string{"message": ie.msg})
-		w.Header().Set("Content-Type", "application/json")
+		// The KBS's errorEncoder: status, then {"error": …}; no Content-Type.
 		w.WriteHeader(ie.status)
-		w.Write(b)
+		json.NewEncoder(w).Encode(map[string]string{"error": ie.Error()})
 		return
 	}
 	if s.Rewrite != nil {
 		body = s.Rewrite(step, body)
 	}
 	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Attestation-Type", "TDX")
+	w.Header().Set("Attestation-Type", attType) // the policy's on a nonce, empty on a key
 	w.WriteHeader(http.StatusOK)
 	w.Write(body)
 }
@@ -157,75 +183,90 @@ type transferRequest struct {
 	EventLog         []byte    `json:"event_log,omitempty"`
 }
 
-func (s *ITA) transfer(r *http.Request, id string) ([]byte, error) {
+// encode writes v as the KBS does (json.Encoder: newline-terminated).
+func encode(v any) ([]byte, error) {
+	var b bytes.Buffer
+	err := json.NewEncoder(&b).Encode(v)
+	return b.Bytes(), err
+}
+
+// transfer answers a request with the body and Attestation-Type header of a 200, or an error.
+func (s *ITA) transfer(r *http.Request, id string) ([]byte, string, error) {
+	// The KBS's decodeTransferKeyHTTPRequest.
 	if r.Header.Get("Accept") != "application/json" {
-		return nil, &itaError{http.StatusBadRequest, "Invalid Accept header"}
+		return nil, "", &itaError{status: http.StatusUnsupportedMediaType, msg: "Invalid Accept header"}
 	}
 	attType := r.Header.Get("Attestation-Type")
 	var req transferRequest
-	if attType != "" {
+	if r.ContentLength != 0 {
 		if r.Header.Get("Content-Type") != "application/json" {
-			return nil, &itaError{http.StatusBadRequest, "Invalid Content-type header"}
+			return nil, "", &itaError{status: http.StatusUnsupportedMediaType, msg: "Invalid Content-type header"}
 		}
-		if attType != "SGX" && attType != "TDX" {
-			return nil, &itaError{http.StatusBadRequest, "Invalid attestion type header"}
-		}
-		if r.ContentLength == 0 {
-			return nil, &itaError{http.StatusBadRequest, "Request body was not provided"}
-		}
-	}
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
-	if err != nil {
-		return nil, &itaError{http.StatusBadRequest, "Failed to read request body"}
-	}
-	if len(bytes.TrimSpace(raw)) > 0 {
-		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
-			return nil, &itaError{http.StatusBadRequest, "Failed to JSON-decode request body"}
+			return nil, "", &itaError{status: http.StatusBadRequest, msg: "Failed to JSON-decode request body"}
+		}
+		if attType != "" {
+			if attType != "SGX" && attType != "TDX" {
+				return nil, "", &itaError{status: http.StatusBadRequest, msg: "Invalid attestion type header"}
+			}
+		} else if req.AttestationToken == "" {
+			return nil, "", &itaError{status: http.StatusBadRequest, msg: "Invalid request body"}
 		}
 	}
+	// The KBS's TransferKeyWithEvidence; the key's transfer policy is TDX.
 	s.mu.Lock()
 	key, found := s.keys[id]
 	s.mu.Unlock()
 	if !found {
-		return nil, &itaError{http.StatusNotFound, "Key with specified id does not exist"}
+		return nil, "", handled(http.StatusNotFound, "Key with specified id does not exist")
 	}
 	var userData []byte
 	switch {
 	case attType == "" && req.AttestationToken == "":
-		return s.newNonce()
+		b, err := s.newNonce()
+		return b, "TDX", err
 	case attType == "":
-		if userData, err = s.verifyToken(req.AttestationToken); err != nil {
-			return nil, &itaError{http.StatusUnauthorized, "Failed to authenticate attestation-token"}
+		typ, held, err := s.verifyToken(req.AttestationToken)
+		if err != nil {
+			return nil, "", handled(http.StatusUnauthorized, "Failed to authenticate attestation-token")
+		}
+		if typ != "TDX" {
+			return nil, "", handled(http.StatusUnauthorized, "attestation-token is not valid for attestation-type in key-transfer policy")
+		}
+		// The KBS decodes attester_held_data (std base64) when it wraps the key.
+		if userData, err = base64.StdEncoding.DecodeString(held); err != nil {
+			return nil, "", keyError(http.StatusInternalServerError, "Error in getting public key")
 		}
 	case attType != "TDX":
-		return nil, &itaError{http.StatusUnauthorized, "attestation-type in request header does not match with attestation-type in key-transfer policy"}
+		return nil, "", handled(http.StatusUnauthorized, "attestation-type in request header does not match with attestation-type in key-transfer policy")
 	default:
 		if err := s.checkEvidence(&req); err != nil {
-			return nil, &itaError{http.StatusUnauthorized, "evidence check failed: " + err.Error()}
+			return nil, "", handled(http.StatusUnauthorized, "evidence check failed: "+err.Error())
 		}
 		userData = req.UserData
 	}
 	pub, err := parseUserData(userData)
 	if err != nil {
-		return nil, &itaError{http.StatusInternalServerError, "Error in getting public key"}
+		return nil, "", keyError(http.StatusInternalServerError, "Error in getting public key")
 	}
 	swk := make([]byte, 32)
 	rand.Read(swk)
 	defer clear(swk)
 	wk, err := ccz.Seal(swk, key, rand.Reader)
 	if err != nil {
-		return nil, &itaError{http.StatusInternalServerError, "Failed to encrypt secret key with swk"}
+		return nil, "", keyError(http.StatusInternalServerError, "Failed to encrypt secret key with swk")
 	}
 	ws, err := rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, swk, nil)
 	if err != nil {
-		return nil, &itaError{http.StatusInternalServerError, "Failed to wrap key"}
+		return nil, "", keyError(http.StatusInternalServerError, "Failed to wrap key")
 	}
-	return json.Marshal(struct {
+	b, err := encode(struct {
 		WrappedKey []byte `json:"wrapped_key"`
-		WrappedSWK []byte `json:"wrapped_swk"`
+		WrappedSWK []byte `json:"wrapped_swk,omitempty"`
 	}{wk, ws})
+	return b, "", err
 }
 
 // parseUserData parses u32le(e) ‖ big-endian n, requiring more than 2048 bits (the KBS rule).
@@ -256,7 +297,7 @@ func (s *ITA) newNonce() ([]byte, error) {
 	val := make([]byte, 64)
 	rand.Read(val)
 	iat := []byte(s.now().UTC().Format(time.RFC3339Nano))
-	return json.Marshal(itaNonce{Val: val, Iat: iat, Signature: s.nonceMAC(val, iat)})
+	return encode(itaNonce{Val: val, Iat: iat, Signature: s.nonceMAC(val, iat)})
 }
 
 func (s *ITA) checkEvidence(req *transferRequest) error {
@@ -303,23 +344,25 @@ func (s *ITA) IssueToken(userData []byte) (string, error) {
 	})
 }
 
-func (s *ITA) verifyToken(tok string) ([]byte, error) {
+// verifyToken checks the signature and expiry of a token from IssueToken and returns its
+// attester_type and attester_held_data claims.
+func (s *ITA) verifyToken(tok string) (typ, held string, err error) {
 	_, k := s.secrets()
 	parts := strings.Split(strings.TrimSpace(tok), ".")
 	if len(parts) != 3 {
-		return nil, errors.New("not a JWT")
+		return "", "", errors.New("not a JWT")
 	}
 	sig, err := base64.RawURLEncoding.DecodeString(parts[2])
 	if err != nil || len(sig) != 64 {
-		return nil, errors.New("bad signature encoding")
+		return "", "", errors.New("bad signature encoding")
 	}
 	d := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
 	if !ecdsa.Verify(&k.PublicKey, d[:], new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])) {
-		return nil, errors.New("bad signature")
+		return "", "", errors.New("bad signature")
 	}
 	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
 	if err != nil {
-		return nil, err
+		return "", "", err
 	}
 	var c struct {
 		Type string          `json:"attester_type"`
@@ -328,11 +371,11 @@ func (s *ITA) verifyToken(tok string) ([]byte, error) {
 		_    json.RawMessage `json:"-"`
 	}
 	if err := json.Unmarshal(payload, &c); err != nil {
-		return nil, err
+		return "", "", err
 	}
 	exp, err := strconv.ParseInt(c.Exp.String(), 10, 64)
-	if err != nil || s.now().Unix() >= exp || c.Type != "TDX" {
-		return nil, errors.New("token expired or not TDX")
+	if err != nil || s.now().Unix() >= exp {
+		return "", "", errors.New("token expired")
 	}
-	return base64.StdEncoding.DecodeString(c.Held)
+	return c.Type, c.Held, nil
 }

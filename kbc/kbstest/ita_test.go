@@ -118,8 +118,8 @@ func TestITAModes(t *testing.T) {
 	}
 }
 
-// The server is strict like the real KBS: unknown JSON fields, a missing Accept header and an
-// unknown attestation type are refused; an empty body without Attestation-Type gets a nonce.
+// The server is strict like the real KBS: unknown JSON fields, a missing Accept header (415) and
+// an unknown attestation type are refused; an empty body without Attestation-Type gets a nonce.
 func TestITAServerStrict(t *testing.T) {
 	_, srv, _ := newITA(t)
 	post := func(hdr map[string]string, body string) (int, string) {
@@ -138,7 +138,7 @@ func TestITAServerStrict(t *testing.T) {
 	require.Equal(t, 400, code)
 	require.Contains(t, body, "Failed to JSON-decode request body")
 	code, _ = post(map[string]string{"Content-Type": "application/json", "Attestation-Type": "TDX"}, `{}`)
-	require.Equal(t, 400, code)
+	require.Equal(t, 415, code, "the KBS answers a bad Accept header 415")
 	code, _ = post(map[string]string{"Accept": "application/json", "Content-Type": "application/json", "Attestation-Type": "SEV"}, `{}`)
 	require.Equal(t, 400, code)
 	code, body = post(map[string]string{"Accept": "application/json"}, ``)
