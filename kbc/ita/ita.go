@@ -6,7 +6,7 @@
 //	[nonce mode] POST /kbs/v1/keys/K/transfer, empty body, no Attestation-Type
 //	             → {"val","iat","signature"} (std base64)
 //	POST /kbs/v1/keys/K/transfer   Attestation-Type: TDX, Accept/Content-Type: application/json
-//	     {"quote":b64, "user_data":b64 [,"nonce":{…}] [,"event_log":b64]}
+//	     {"quote":b64, "user_data":b64 [,"nonce":{…}]}   (no event_log: see GetResource)
 //	     → {"wrapped_key":b64, "wrapped_swk":b64}
 //
 // user_data is the ephemeral RSA-3072 public key as u32le(e) ‖ big-endian n (the raw form
@@ -184,7 +184,10 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("ita: gathering TDX evidence: %w", err)
 		}
-		req = TransferRequest{Quote: ev.Quote, Nonce: nonce, UserData: userData, EventLog: ev.CCEventLog}
+		// No event_log: the KBS passes it to Intel Trust Authority's appraisal v1, which
+		// expects its own JSON of parsed RTMR events (trustauthority-client-for-go v1.x), not
+		// the raw CCEL; ITA appraises the quote's MRTD and RTMR values without it.
+		req = TransferRequest{Quote: ev.Quote, Nonce: nonce, UserData: userData}
 		hdr.Set("Attestation-Type", "TDX")
 	}
 	body, err := json.Marshal(req)

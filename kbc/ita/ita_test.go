@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
+	"io"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -148,4 +149,37 @@ func TestWrappedKeyChecks(t *testing.T) {
 			require.NotContains(t, err.Error(), string(secret))
 		})
 	}
+}
+
+// The transfer request carries no event_log: the KBS hands it to Intel Trust Authority's
+// appraisal v1, which expects its own JSON of parsed RTMR events (trustauthority-client-for-go
+// v1.x), not the raw CCEL this agent has; sending raw bytes there risks a rejected TD.
+func TestTransferSendsNoEventLog(t *testing.T) {
+	s := kbstest.NewITA()
+	require.NoError(t, s.SetKey(keyID, secret))
+	var fields []string
+	s.Intercept = func(step string, w http.ResponseWriter, r *http.Request) bool {
+		if step != kbstest.StepTransfer {
+			return false
+		}
+		b, err := io.ReadAll(r.Body)
+		require.NoError(t, err)
+		var m map[string]json.RawMessage
+		require.NoError(t, json.Unmarshal(b, &m))
+		for k := range m {
+			fields = append(fields, k)
+		}
+		r.Body = io.NopCloser(bytes.NewReader(b))
+		return false
+	}
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	a := attester(t)
+	a.CCEventLog = []byte("a firmware event log")
+	c, err := ita.New(ita.Options{URL: srv.URL, Attester: a, HTTP: kbc.HTTPOptions{InsecureHTTP: true, Timeout: 5 * time.Second}})
+	require.NoError(t, err)
+	got, err := c.GetResource(t.Context(), keyID)
+	require.NoError(t, err)
+	require.Equal(t, secret, got)
+	require.ElementsMatch(t, []string{"quote", "user_data"}, fields)
 }
