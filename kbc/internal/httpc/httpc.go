@@ -183,7 +183,7 @@ func stripURL(err error) error {
 }
 
 // Detail summarizes an error response body for an error message: Trustee's
-// {"type","detail"}, ITA's {"message"}, or sanitized text.
+// {"type","detail"}, the ITA KBS's {"error"}, or any text, sanitized.
 func Detail(b []byte) string {
 	s := strings.TrimSpace(string(b))
 	if s == "" {
