@@ -48,6 +48,10 @@ func agentCommands() []*cli.Command {
 	}
 }
 
+// maxWorkers bounds --workers: the decryptor allocates a chunk buffer (up to 16 MiB) per
+// worker up front.
+const maxWorkers = 256
+
 func fetchFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "source", Usage: "encrypted model: a local `DIR` or an http(s):// base URL"},
@@ -108,9 +112,14 @@ func fetchAndDecryptAction(c *cli.Context) error {
 	if out != "" && models != "" && filepath.Clean(out) != filepath.Clean(models) {
 		return usagef("fetch-and-decrypt: --out %s and --ollama-models %s differ (an Ollama model is published into its store)", out, models)
 	}
+	if w := c.Int("workers"); w < 0 || w > maxWorkers {
+		return usagef("fetch-and-decrypt: --workers must be between 0 and %d", maxWorkers)
+	}
 	var src modelcrypt.Source
 	srcArg := c.String("source")
-	if strings.HasPrefix(srcArg, "http://") || strings.HasPrefix(srcArg, "https://") {
+	// URL schemes are case-insensitive: HTTPS://… is a URL too, not a local path whose error
+	// would repeat its query (a SAS).
+	if scheme, _, _ := strings.Cut(srcArg, "://"); strings.EqualFold(scheme, "http") || strings.EqualFold(scheme, "https") {
 		retries := c.Int("source-retries")
 		if retries <= 0 {
 			retries = -1
@@ -119,7 +128,7 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
-		if hdr != nil && strings.HasPrefix(srcArg, "http://") {
+		if hdr != nil && strings.EqualFold(scheme, "http") {
 			slog.Warn("sending the source token over plain http://: anyone on the network path (the cloud host) can read it; use https://")
 		}
 		hs, err := agent.NewHTTPSource(srcArg, agent.HTTPOptions{CAFile: c.String("source-ca-file"), Retries: retries, Header: hdr})

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -108,6 +110,11 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 		if c.String("kbs-url") == "" {
 			return nil, usagef("--kbc %s needs --kbs-url", kind)
 		}
+		// Refused here, without repeating the URL: the broker client's error would quote it,
+		// credentials and all.
+		if u, err := url.Parse(c.String("kbs-url")); err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+			return nil, usagef("--kbs-url must be a URL https://host[:port][/prefix] without user info, query or fragment")
+		}
 		if attester == nil {
 			return nil, fmt.Errorf("--kbc %s: no evidence provider", kind)
 		}
@@ -183,6 +190,10 @@ func getResourceAction(c *cli.Context) error {
 // writeSecret creates path (0600, O_EXCL) and writes secret; on failure the file is removed.
 func writeSecret(path string, secret []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		// Created (or a symlink planted) since getResourceAction checked.
+		return usagef("get-resource: --out %s: %v (remove it first)", path, errOutExists)
+	}
 	if err != nil {
 		return fmt.Errorf("--out: %w", err)
 	}
@@ -288,11 +299,7 @@ func devKBSAction(c *cli.Context) error {
 	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (%s); resources: %s\n", addr, banner, strings.Join(resources(), " "))
 	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent %s --kbs-url http://%s --insecure-http --resource URI --out FILE\n", try, addr)
 	if f := c.String("addr-file"); f != "" {
-		tmp := filepath.Join(filepath.Dir(f), "."+filepath.Base(f)+".tmp")
-		if err := os.WriteFile(tmp, []byte(addr+"\n"), 0o644); err != nil {
-			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
-		}
-		if err := os.Rename(tmp, f); err != nil {
+		if err := writeFileAtomic(f, []byte(addr+"\n"), 0o644); err != nil {
 			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
 		}
 	}
@@ -309,6 +316,29 @@ func devKBSAction(c *cli.Context) error {
 	hs.Shutdown(ctx)
 	fmt.Fprintln(c.App.ErrWriter, "dev-kbs: stopped")
 	return nil
+}
+
+// writeFileAtomic replaces path with data through a new temporary file in its directory
+// (a fresh name, O_EXCL: never a symlink planted there) renamed into place.
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
 }
 
 func isLoopback(host string) bool {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"strings"
+
 	"github.com/urfave/cli/v2"
 
 	"github.com/cai-agent/cai-agent/agent/serve"
@@ -36,6 +38,9 @@ func serveFlags() []cli.Flag {
 	}
 }
 
+// maxMaxQueue bounds --max-queue: each waiting request holds a connection and a goroutine.
+const maxMaxQueue = 1 << 20
+
 // serveConfig checks the serve flags and returns the configuration (Platform unset).
 func serveConfig(c *cli.Context) (serve.Config, error) {
 	cfg := serve.Config{
@@ -47,8 +52,11 @@ func serveConfig(c *cli.Context) (serve.Config, error) {
 	if cfg.Socket == "" && cfg.Listen == "" {
 		return cfg, usagef("serve: give --socket PATH and/or --listen ADDR")
 	}
-	if cfg.MaxQueue < 1 {
-		return cfg, usagef("serve: --max-queue must be at least 1")
+	if strings.HasPrefix(cfg.Socket, "@") {
+		return cfg, usagef("serve: --socket %q would be an abstract unix socket, which anyone may connect to; give a file path", cfg.Socket)
+	}
+	if cfg.MaxQueue < 1 || cfg.MaxQueue > maxMaxQueue {
+		return cfg, usagef("serve: --max-queue must be at least 1 and at most %d", maxMaxQueue)
 	}
 	if cfg.QuoteTimeout <= 0 {
 		return cfg, usagef("serve: --quote-timeout must be positive")
