@@ -3,18 +3,17 @@ package agent
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
+	"github.com/cai-agent/cai-agent/kbc"
 )
 
 // HTTPOptions configure NewHTTPSource.
@@ -102,13 +101,9 @@ func NewHTTPSource(base string, o HTTPOptions) (*HTTPSource, error) {
 		tr.MaxIdleConnsPerHost = 16
 		tr.ReadBufferSize = 256 << 10
 		if o.CAFile != "" {
-			pem, err := os.ReadFile(o.CAFile)
+			pool, err := kbc.HTTPOptions{CAFile: o.CAFile}.CertPool() // bounded, regular files only
 			if err != nil {
 				return nil, fmt.Errorf("%w: source CA file: %v", ErrConfig, err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("%w: source CA file %s: no PEM certificate", ErrConfig, o.CAFile)
 			}
 			tr.TLSClientConfig.RootCAs = pool
 		}

@@ -15,9 +15,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -104,7 +106,7 @@ func (o HTTPOptions) CertPool() (*x509.CertPool, error) {
 	if o.CAFile == "" {
 		return nil, nil
 	}
-	pem, err := os.ReadFile(o.CAFile)
+	pem, err := readCAFile(o.CAFile)
 	if err != nil {
 		return nil, fmt.Errorf("%w: CA file: %w", ErrConfig, err)
 	}
@@ -113,6 +115,32 @@ func (o HTTPOptions) CertPool() (*x509.CertPool, error) {
 		return nil, fmt.Errorf("%w: CA file %s: no PEM certificate found", ErrConfig, o.CAFile)
 	}
 	return pool, nil
+}
+
+// maxCAFile bounds a CA bundle (the system bundles are about 200 KiB).
+const maxCAFile = 4 << 20
+
+// readCAFile reads a regular file of at most maxCAFile bytes; a FIFO or device is refused at
+// once instead of blocking or reading forever.
+func readCAFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxCAFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxCAFile {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxCAFile)
+	}
+	return b, nil
 }
 
 // ResourcePath is a Trustee resource path: kbs:///<repo>/<type>/<tag>.

@@ -4,7 +4,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -53,4 +55,24 @@ func TestHTTPOptions(t *testing.T) {
 	require.NoError(t, os.WriteFile(bad, []byte("not a certificate"), 0o600))
 	_, err = HTTPOptions{CAFile: bad}.CertPool()
 	require.ErrorIs(t, err, ErrConfig)
+}
+
+// A CA file that is a FIFO or a device is refused at once (not a blocked open or an endless
+// read), one over the size bound too.
+func TestCAFileMustBeASmallRegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "ca.pem")
+	require.NoError(t, syscall.Mkfifo(fifo, 0o600))
+	big := filepath.Join(dir, "big.pem")
+	require.NoError(t, os.WriteFile(big, make([]byte, maxCAFile+1), 0o600))
+	for _, f := range []string{fifo, "/dev/zero", big} {
+		done := make(chan error, 1)
+		go func() { _, err := HTTPOptions{CAFile: f}.CertPool(); done <- err }()
+		select {
+		case err := <-done:
+			require.ErrorIs(t, err, ErrConfig, f)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("CertPool(%s) blocked", f)
+		}
+	}
 }

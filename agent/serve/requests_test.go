@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -184,6 +185,11 @@ func TestListenConfig(t *testing.T) {
 	_, err = New(Config{})
 	require.ErrorIs(t, err, ErrConfig)
 	_, err = New(Config{Platform: samplePlatform(t), MaxQueue: -1})
+	require.ErrorIs(t, err, ErrConfig)
+	// Beyond the bound (the queue counts MaxQueue+1 in an int64: math.MaxInt64 would wrap).
+	_, err = New(Config{Platform: samplePlatform(t), MaxQueue: MaxMaxQueue + 1})
+	require.ErrorIs(t, err, ErrConfig)
+	_, err = New(Config{Platform: samplePlatform(t), MaxQueue: math.MaxInt})
 	require.ErrorIs(t, err, ErrConfig)
 	_, err = New(Config{Platform: samplePlatform(t), SocketMode: 0o4777})
 	require.ErrorIs(t, err, ErrConfig)

@@ -67,6 +67,9 @@ const (
 	// DefaultMaxQueue is the default number of quote requests that may wait while one is
 	// being served.
 	DefaultMaxQueue = 64
+	// MaxMaxQueue bounds Config.MaxQueue: each waiting request holds a connection and a
+	// goroutine.
+	MaxMaxQueue = 1 << 20
 	// DefaultQuoteTimeout bounds the time one evidence request may wait plus be served.
 	DefaultQuoteTimeout = 30 * time.Second
 	// MaxNonceLen is the longest nonce accepted, in bytes (after URL decoding).
@@ -98,7 +101,7 @@ type Config struct {
 	// loopback address 127.0.0.1; any other host is used as given.
 	Listen string
 	// MaxQueue is how many evidence requests may wait while one is being served; beyond that
-	// requests get 503 at once. 0 = DefaultMaxQueue; negative is invalid.
+	// requests get 503 at once. 0 = DefaultMaxQueue; negative or over MaxMaxQueue is invalid.
 	MaxQueue int
 	// QuoteTimeout bounds waiting plus serving one evidence request (504 when exceeded), and
 	// one measurement. 0 = DefaultQuoteTimeout.
@@ -108,8 +111,8 @@ type Config struct {
 }
 
 func (c Config) withDefaults() (Config, error) {
-	if c.MaxQueue < 0 {
-		return c, fmt.Errorf("%w: max queue %d is negative", ErrConfig, c.MaxQueue)
+	if c.MaxQueue < 0 || c.MaxQueue > MaxMaxQueue {
+		return c, fmt.Errorf("%w: max queue %d is outside 0..%d", ErrConfig, c.MaxQueue, MaxMaxQueue)
 	}
 	if c.MaxQueue == 0 {
 		c.MaxQueue = DefaultMaxQueue

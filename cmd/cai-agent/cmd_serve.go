@@ -38,9 +38,6 @@ func serveFlags() []cli.Flag {
 	}
 }
 
-// maxMaxQueue bounds --max-queue: each waiting request holds a connection and a goroutine.
-const maxMaxQueue = 1 << 20
-
 // serveConfig checks the serve flags and returns the configuration (Platform unset).
 func serveConfig(c *cli.Context) (serve.Config, error) {
 	cfg := serve.Config{
@@ -55,8 +52,8 @@ func serveConfig(c *cli.Context) (serve.Config, error) {
 	if strings.HasPrefix(cfg.Socket, "@") {
 		return cfg, usagef("serve: --socket %q would be an abstract unix socket, which anyone may connect to; give a file path", cfg.Socket)
 	}
-	if cfg.MaxQueue < 1 || cfg.MaxQueue > maxMaxQueue {
-		return cfg, usagef("serve: --max-queue must be at least 1 and at most %d", maxMaxQueue)
+	if cfg.MaxQueue < 1 || cfg.MaxQueue > serve.MaxMaxQueue {
+		return cfg, usagef("serve: --max-queue must be at least 1 and at most %d", serve.MaxMaxQueue)
 	}
 	if cfg.QuoteTimeout <= 0 {
 		return cfg, usagef("serve: --quote-timeout must be positive")

@@ -229,3 +229,20 @@ func TestDecryptMemberNamesExact(t *testing.T) {
 	_, err = k.Decrypt([]byte(body))
 	require.ErrorIs(t, err, kbc.ErrProtocol)
 }
+
+// A broker URL's user info, query and fragment may be secret: errors never repeat them.
+func TestBrokerURLSecretsNotInErrors(t *testing.T) {
+	for _, u := range []string{
+		"https://admin:Pa55w0rd@kbs.example:8080",
+		"https://kbs.example/?sig=s3cr3t",
+		"https://kbs.example/#s3cr3t",
+		"ftp://admin:Pa55w0rd@kbs.example",
+		"http://admin:Pa55w0rd@kbs.example",
+		"https://admin:Pa55w0rd@[::1", // does not parse
+	} {
+		_, err := New(Options{URL: u, Attester: fakeAttester{}})
+		require.ErrorIs(t, err, kbc.ErrConfig, u)
+		require.NotContains(t, err.Error(), "Pa55w0rd", u)
+		require.NotContains(t, err.Error(), "s3cr3t", u)
+	}
+}

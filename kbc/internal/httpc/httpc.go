@@ -31,19 +31,21 @@ func New(base string, opts kbc.HTTPOptions, jar http.CookieJar) (*Client, error)
 	opts = opts.Defaults()
 	u, err := url.Parse(base)
 	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("%w: broker URL %q: want https://host[:port][/prefix]", kbc.ErrConfig, base)
+		return nil, fmt.Errorf("%w: broker URL does not parse as https://host[:port][/prefix]", kbc.ErrConfig)
 	}
+	// Messages show the URL without what may be secret: user info, query, fragment.
+	shown := (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
 	switch u.Scheme {
 	case "https":
 	case "http":
 		if !opts.InsecureHTTP {
-			return nil, fmt.Errorf("%w: broker URL %q is plain http; refusing without the insecure-http option", kbc.ErrConfig, base)
+			return nil, fmt.Errorf("%w: broker URL %q is plain http; refusing without the insecure-http option", kbc.ErrConfig, shown)
 		}
 	default:
-		return nil, fmt.Errorf("%w: broker URL %q: scheme must be https (or http with the insecure-http option)", kbc.ErrConfig, base)
+		return nil, fmt.Errorf("%w: broker URL %q: scheme must be https (or http with the insecure-http option)", kbc.ErrConfig, shown)
 	}
 	if u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-		return nil, fmt.Errorf("%w: broker URL %q must not have a query, fragment or user info", kbc.ErrConfig, base)
+		return nil, fmt.Errorf("%w: broker URL %q must not have a query, fragment or user info", kbc.ErrConfig, shown)
 	}
 	u.Path = strings.TrimRight(u.Path, "/")
 	pool, err := opts.CertPool()
