@@ -679,12 +679,17 @@ func crashAfterWAL(t *testing.T, e *env) {
 
 // A full own log (MaxOwnRecords measurements) refuses another one: a verifier would refuse
 // the evidence.
-func TestMeasureRefusesFullLog(t *testing.T) {
-	e := newEnv(t)
+// seedOwnLog writes, as if measured earlier this boot, the agent's log of the events next(0),
+// next(1), … until next returns false, with the fake RTMR3 set to their fold, which it returns.
+func (e *env) seedOwnLog(t *testing.T, next func(i int) (Event, bool)) [48]byte {
+	t.Helper()
 	var log []byte
 	var r3 [48]byte
-	for i := range MaxOwnRecords {
-		ev := Event{Domain: "example.com", Operation: "Tick", Content: strconv.Itoa(i)}
+	for i := 0; ; i++ {
+		ev, ok := next(i)
+		if !ok {
+			break
+		}
 		rec, d := tcg.AAELRecord(ev.Text())
 		log = append(log, rec...)
 		r3 = rtmr.ExtendValue(r3, d)
@@ -692,6 +697,14 @@ func TestMeasureRefusesFullLog(t *testing.T) {
 	require.NoError(t, os.MkdirAll(e.state, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(e.state, EventLogFile), log, 0o600))
 	e.k.SetRTMR(3, r3)
+	return r3
+}
+
+func TestMeasureRefusesFullLog(t *testing.T) {
+	e := newEnv(t)
+	r3 := e.seedOwnLog(t, func(i int) (Event, bool) {
+		return Event{Domain: "example.com", Operation: "Tick", Content: strconv.Itoa(i)}, i < MaxOwnRecords
+	})
 	p := e.open(t, TEETDX)
 	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "Tick", Content: "one more"})
 	require.ErrorIs(t, err, ErrMeasure)
@@ -703,18 +716,15 @@ func TestMeasureRefusesFullLog(t *testing.T) {
 // The own log also stops at MaxOwnLogSize bytes (big events fill it before the record count).
 func TestMeasureRefusesLogOverSize(t *testing.T) {
 	e := newEnv(t)
-	var log []byte
-	var r3 [48]byte
 	big := strings.Repeat("x", 16<<10)
-	for i := 0; len(log) < MaxOwnLogSize-(16<<10); i++ {
+	size := 0
+	r3 := e.seedOwnLog(t, func(i int) (Event, bool) {
 		ev := Event{Domain: "example.com", Operation: strconv.Itoa(i), Content: big}
-		rec, d := tcg.AAELRecord(ev.Text())
-		log = append(log, rec...)
-		r3 = rtmr.ExtendValue(r3, d)
-	}
-	require.NoError(t, os.MkdirAll(e.state, 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(e.state, EventLogFile), log, 0o600))
-	e.k.SetRTMR(3, r3)
+		rec, _ := tcg.AAELRecord(ev.Text())
+		more := size < MaxOwnLogSize-(16<<10) // until less than one big event's room is left
+		size += len(rec)
+		return ev, more
+	})
 	p := e.open(t, TEETDX)
 	_, err := p.Measure(context.Background(), Event{Domain: "example.com", Operation: "last", Content: big})
 	require.ErrorIs(t, err, ErrLogFull)
