@@ -166,24 +166,18 @@ func TestTrusteeServerRules(t *testing.T) {
 	jwk := map[string]string{"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW",
 		"x": "axfR8uEsQkf4vOblY6RA8ncDfYEt6zOg9KE5RdiYwpY", "y": "T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU"}
 	attest := func(jwk map[string]string, initData string) (int, string) {
-		jar, _ := cookiejar.New(nil)
-		hc := &http.Client{Jar: jar}
-		resp, err := hc.Post(srv.URL+"/kbs/v0/auth", "application/json", strings.NewReader(`{"version":"0.4.0","tee":"sample","extra-params":""}`))
-		require.NoError(t, err)
-		var ch struct{ Nonce string }
-		require.NoError(t, json.NewDecoder(resp.Body).Decode(&ch))
-		resp.Body.Close()
-		rd, err := trustee.ReportData(trustee.SHA384, ch.Nonce, jwk, "")
+		hc, nonce := rawAuth(t, srv.URL)
+		rd, err := trustee.ReportData(trustee.SHA384, nonce, jwk, "")
 		require.NoError(t, err)
 		ev, err := kbstest.SampleAttester{}.Attest(t.Context(), rd)
 		require.NoError(t, err)
 		body, _ := json.Marshal(map[string]any{"init-data": json.RawMessage(initData),
-			"runtime-data": map[string]any{"nonce": ch.Nonce, "tee-pubkey": jwk},
+			"runtime-data": map[string]any{"nonce": nonce, "tee-pubkey": jwk},
 			"tee-evidence": map[string]any{"primary_evidence": json.RawMessage(ev.Quote), "additional_evidence": ""}})
 		var last string
 		code := 0
 		for range 2 {
-			resp, err = hc.Post(srv.URL+"/kbs/v0/attest", "application/json", bytes.NewReader(body))
+			resp, err := hc.Post(srv.URL+"/kbs/v0/attest", "application/json", bytes.NewReader(body))
 			require.NoError(t, err)
 			b, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
@@ -280,17 +274,11 @@ func TestTrusteeErrorsAsTrustee(t *testing.T) {
 	check("resource: unknown session", code, e, want{401, "TokenNotFound", "Attestation Token not found"})
 
 	// A session whose evidence does not bind the key: the detail omits why, the log has it.
-	jar, _ := cookiejar.New(nil)
-	hc := &http.Client{Jar: jar}
-	resp, err := hc.Post(srv.URL+"/kbs/v0/auth", "application/json", strings.NewReader(`{"version":"0.4.0","tee":"sample","extra-params":""}`))
-	require.NoError(t, err)
-	var ch struct{ Nonce string }
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&ch))
-	resp.Body.Close()
+	hc, nonce := rawAuth(t, srv.URL)
 	ev, err := kbstest.SampleAttester{}.Attest(t.Context(), [64]byte{})
 	require.NoError(t, err)
 	att, _ := json.Marshal(map[string]any{"init-data": nil,
-		"runtime-data": map[string]any{"nonce": ch.Nonce, "tee-pubkey": map[string]string{"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "AA", "y": "AA"}},
+		"runtime-data": map[string]any{"nonce": nonce, "tee-pubkey": map[string]string{"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "AA", "y": "AA"}},
 		"tee-evidence": map[string]any{"primary_evidence": json.RawMessage(ev.Quote), "additional_evidence": ""}})
 	code, e = do(hc, "POST", "/kbs/v0/attest", string(att))
 	check("attest: binding", code, e, attestFailed)
@@ -302,6 +290,20 @@ func TestTrusteeErrorsAsTrustee(t *testing.T) {
 	_, err = c.GetResource(t.Context(), trusteeURI)
 	require.ErrorIs(t, err, kbc.ErrRefused)
 	require.Contains(t, err.Error(), "HTTP 401 Unauthorized: PolicyDeny: Access denied by policy")
+}
+
+// rawAuth starts an RCAR 0.4.0 handshake for the sample TEE with a plain HTTP client and
+// returns the client (its jar holds the session cookie) and the challenge nonce.
+func rawAuth(t *testing.T, base string) (*http.Client, string) {
+	t.Helper()
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar}
+	resp, err := hc.Post(base+"/kbs/v0/auth", "application/json", strings.NewReader(`{"version":"0.4.0","tee":"sample","extra-params":""}`))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var ch struct{ Nonce string }
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&ch))
+	return hc, ch.Nonce
 }
 
 func mustURL(t *testing.T, s string) *url.URL {
