@@ -29,7 +29,8 @@ import (
 //	  "td_attributes": "<hex8>", "xfam": "<hex8>",
 //	  "mr_signer_seam": "<hex48>", "seam_attributes": "<hex8>",
 //	  "allow_debug": false,
-//	  "min_tee_tcb_svn": "<hex16>",
+//	  "min_tee_tcb_svn": "<hex16>", "min_tee_tcb_svn2": "<hex16>",
+//	  "mr_servicetd": "<hex48>",
 //	  "require_boot_log": false,
 //	  "allowed_binaries": [{"sha384": "<hex48>", "path": "/usr/bin/ollama"}, …],
 //	  "model": {"name": "…", "manifest_sha256": "<hex32>"},
@@ -67,6 +68,14 @@ type Policy struct {
 	// MinTEETCBSVN: every byte (component SVN) of TEE_TCB_SVN must be ≥ the same byte here,
 	// as Intel compares TDX TCB components.
 	MinTEETCBSVN Hex `json:"min_tee_tcb_svn,omitempty"`
+	// MinTEETCBSVN2: the same for TEE_TCB_SVN2, the SVN of the TDX module running now (it
+	// differs from TEE_TCB_SVN after a TD-preserving module update). Only TDX 1.5 quotes (v5,
+	// body type 3) have it: any other quote fails a policy that sets it.
+	MinTEETCBSVN2 Hex `json:"min_tee_tcb_svn2,omitempty"`
+	// MRServiceTD: exact MR_SERVICETD (the service TDs bound to this TD, e.g. a migration
+	// TD; all zero when none is). Only TDX 1.5 quotes have it: any other quote fails a policy
+	// that sets it.
+	MRServiceTD Hex `json:"mr_servicetd,omitempty"`
 	// RequireBootLog compares RTMR0..2 with the event log even when the log has no events for
 	// them (by default they are compared only when the log covers boot, i.e. is a CCEL), so
 	// evidence without the firmware log is refused.
@@ -206,6 +215,8 @@ func (p *Policy) Validate() error {
 	size("mr_signer_seam", p.MRSignerSEAM, 48)
 	size("seam_attributes", p.SEAMAttributes, 8)
 	size("min_tee_tcb_svn", p.MinTEETCBSVN, 16)
+	size("min_tee_tcb_svn2", p.MinTEETCBSVN2, 16)
+	size("mr_servicetd", p.MRServiceTD, 48)
 	for i, b := range p.AllowedBinaries {
 		if len(b.SHA384) != 48 {
 			errs = append(errs, fmt.Sprintf("allowed_binaries[%d].sha384 is %d bytes, want 48", i, len(b.SHA384)))
@@ -262,17 +273,29 @@ func (p *Policy) checkQuote(q *Quote, fail func(string, ...any)) {
 	if q.Debug && !p.AllowDebug {
 		fail("the TD is debuggable (td_attributes %x has DEBUG set) and allow_debug is false", []byte(q.TDAttributes))
 	}
-	if p.MinTEETCBSVN != nil {
-		if len(q.TEETCBSVN) != 16 {
-			fail("tee_tcb_svn is missing, min_tee_tcb_svn %x required", []byte(p.MinTEETCBSVN))
-		} else {
-			for i := range 16 {
-				if q.TEETCBSVN[i] < p.MinTEETCBSVN[i] {
-					fail("tee_tcb_svn %x is below min_tee_tcb_svn %x (component %d: %d < %d)",
-						[]byte(q.TEETCBSVN), []byte(p.MinTEETCBSVN), i, q.TEETCBSVN[i], p.MinTEETCBSVN[i])
-					break
-				}
-			}
+	minSVN("tee_tcb_svn", p.MinTEETCBSVN, q.TEETCBSVN, fail)
+	minSVN("tee_tcb_svn2", p.MinTEETCBSVN2, q.TEETCBSVN2, fail)
+	if p.MRServiceTD != nil && q.MRServiceTD == nil {
+		fail("mr_servicetd %x required but the quote has none (not a TDX 1.5 quote)", []byte(p.MRServiceTD))
+	} else {
+		exact("mr_servicetd", p.MRServiceTD, q.MRServiceTD)
+	}
+}
+
+// minSVN fails unless every byte (component SVN) of got is ≥ the same byte of min, as Intel
+// compares TDX TCB components. A nil min checks nothing.
+func minSVN(name string, min, got Hex, fail func(string, ...any)) {
+	if min == nil {
+		return
+	}
+	if len(got) != 16 {
+		fail("%s is missing, min_%s %x required", name, name, []byte(min))
+		return
+	}
+	for i := range 16 {
+		if got[i] < min[i] {
+			fail("%s %x is below min_%s %x (component %d: %d < %d)", name, []byte(got), name, []byte(min), i, got[i], min[i])
+			return
 		}
 	}
 }

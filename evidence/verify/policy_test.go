@@ -90,6 +90,46 @@ func TestPolicyMinTCBSVNIsPerComponent(t *testing.T) {
 	}
 }
 
+// TDX 1.5 fields: TEE_TCB_SVN2 judged per component, MR_SERVICETD exact; a quote without them
+// (v4, or a v5 TDX 1.0 body) fails a policy that sets them.
+func TestPolicyTDX15Fields(t *testing.T) {
+	v5, err := ParseQuote(fixture(t, "quote_v5_sample.dat")) // tee_tcb_svn2 0d 01 04 00…, mr_servicetd zero
+	require.NoError(t, err)
+	withTD, err := ParseQuote(fixture(t, "trustee-tdx_quote_5.dat")) // mr_servicetd 383c87d3…
+	require.NoError(t, err)
+	v4, err := ParseQuote(fixture(t, "tdx_prod_quote_SPR_E4.dat"))
+	require.NoError(t, err)
+	zero := strings.Repeat("00", 48)
+	for _, c := range []struct {
+		q      *Quote
+		policy string
+		fail   string // "" = accepted
+	}{
+		{v5, `{"min_tee_tcb_svn2":"0d010400000000000000000000000000"}`, ""},
+		{v5, `{"min_tee_tcb_svn2":"0c020000000000000000000000000000"}`, "tee_tcb_svn2 0d010400000000000000000000000000 is below min_tee_tcb_svn2"},
+		{v5, `{"min_tee_tcb_svn2":"0d010500000000000000000000000000"}`, "component 2: 4 < 5"},
+		{v4, `{"min_tee_tcb_svn2":"00000000000000000000000000000000"}`, "tee_tcb_svn2 is missing"},
+		{v5, `{"mr_servicetd":"` + zero + `"}`, ""},
+		{withTD, `{"mr_servicetd":"` + withTD.MRServiceTD.String() + `"}`, ""},
+		{withTD, `{"mr_servicetd":"` + zero + `"}`, "mr_servicetd is " + withTD.MRServiceTD.String() + ", want " + zero},
+		{v4, `{"mr_servicetd":"` + zero + `"}`, "mr_servicetd " + zero + " required but the quote has none"},
+	} {
+		p := policyOf(t, `{"allow_debug":true,`+c.policy[1:])
+		err := p.Check(c.q, nil)
+		if c.fail == "" {
+			assert.NoError(t, err, c.policy)
+			continue
+		}
+		f := failures(t, err)
+		require.Len(t, f, 1, c.policy)
+		assert.Contains(t, f[0], c.fail, c.policy)
+	}
+	_, err = ParsePolicy(strings.NewReader(`{"mr_servicetd":"00","min_tee_tcb_svn2":"01"}`))
+	require.ErrorIs(t, err, ErrBadPolicy)
+	assert.ErrorContains(t, err, "mr_servicetd is 1 bytes, want 48")
+	assert.ErrorContains(t, err, "min_tee_tcb_svn2 is 1 bytes, want 16")
+}
+
 func TestPolicyDebug(t *testing.T) {
 	q, err := ParseQuote(fixture(t, "trustee-tdx_quote_4.dat")) // a real quote of a debuggable TD
 	require.NoError(t, err)
