@@ -305,16 +305,7 @@ func devTinyModelAction(c *cli.Context) error {
 		return usagef("dev-tiny-model: give exactly one of --gguf FILE or --ollama-models DIR")
 	}
 	if path := c.String("gguf"); path != "" {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-		if err != nil {
-			return err
-		}
-		if err := tinyllama.Write(f); err != nil {
-			f.Close()
-			os.Remove(path)
-			return err
-		}
-		return f.Close()
+		return createExclusive(path, 0o644, tinyllama.Write)
 	}
 	gguf, err := tinyllama.Bytes()
 	if err != nil {

@@ -185,25 +185,11 @@ func cmdKeygen(c *cli.Context) error {
 	}
 	enc := []byte(base64.StdEncoding.EncodeToString(key) + "\n")
 	defer clear(enc)
-	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	err := createExclusive(out, 0o600, func(w io.Writer) error { _, err := w.Write(enc); return err })
+	if errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("keygen: %s already exists; refusing to overwrite a key", out)
+	}
 	if err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("keygen: %s already exists; refusing to overwrite a key", out)
-		}
-		return fmt.Errorf("keygen: %w", err)
-	}
-	if _, err := f.Write(enc); err != nil {
-		f.Close()
-		os.Remove(out)
-		return fmt.Errorf("keygen: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(out)
-		return fmt.Errorf("keygen: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(out)
 		return fmt.Errorf("keygen: %w", err)
 	}
 	fmt.Fprintf(c.App.Writer, "wrote a new 256-bit key to %s (mode 0600)\n", out)

@@ -167,12 +167,12 @@ func evidenceAction(c *cli.Context) error {
 		return err
 	}
 	if out := c.String("out"); out != "" {
-		if err := os.WriteFile(out, ev.Quote, 0o644); err != nil {
+		if err := writeFileAtomic(out, ev.Quote, 0o644); err != nil {
 			return fmt.Errorf("write quote: %w", err)
 		}
 	}
 	if out := c.String("eventlog-out"); out != "" && ev.CCEventLog != nil {
-		if err := os.WriteFile(out, ev.CCEventLog, 0o644); err != nil {
+		if err := writeFileAtomic(out, ev.CCEventLog, 0o644); err != nil {
 			return fmt.Errorf("write cc_eventlog: %w", err)
 		}
 	}

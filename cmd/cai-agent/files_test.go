@@ -1,0 +1,66 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// createExclusive: the file appears only complete (never while being written), never
+// replaces anything (a dangling symlink included), and leaves no temporary file behind.
+func TestCreateExclusive(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "key")
+	require.NoError(t, createExclusive(p, 0o600, func(w io.Writer) error {
+		_, err := os.Lstat(p)
+		require.ErrorIs(t, err, fs.ErrNotExist, "the file must not be visible while it is written")
+		_, err = w.Write([]byte("secret\n"))
+		return err
+	}))
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	assert.Equal(t, "secret\n", string(b))
+	st, err := os.Stat(p)
+	require.NoError(t, err)
+	assert.Equal(t, fs.FileMode(0o600), st.Mode().Perm())
+
+	// Refuses an existing file and leaves it alone.
+	err = createExclusive(p, 0o600, func(w io.Writer) error { _, err := w.Write([]byte("other")); return err })
+	require.ErrorIs(t, err, fs.ErrExist)
+	b, _ = os.ReadFile(p)
+	assert.Equal(t, "secret\n", string(b))
+
+	// Refuses a dangling symlink: nothing is created at its target.
+	link, target := filepath.Join(dir, "link"), filepath.Join(dir, "target")
+	require.NoError(t, os.Symlink(target, link))
+	require.ErrorIs(t, createExclusive(link, 0o600, func(io.Writer) error { return nil }), fs.ErrExist)
+	assert.NoFileExists(t, target)
+
+	// A failed write leaves nothing.
+	boom := errors.New("boom")
+	require.ErrorIs(t, createExclusive(filepath.Join(dir, "failed"), 0o644, func(w io.Writer) error {
+		w.Write([]byte("partial"))
+		return boom
+	}), boom)
+	assert.NoFileExists(t, filepath.Join(dir, "failed"))
+
+	// Mode as asked, whatever the umask.
+	require.NoError(t, createExclusive(filepath.Join(dir, "pub"), 0o644, func(io.Writer) error { return nil }))
+	st, err = os.Stat(filepath.Join(dir, "pub"))
+	require.NoError(t, err)
+	assert.Equal(t, fs.FileMode(0o644), st.Mode().Perm())
+
+	ents, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	assert.ElementsMatch(t, []string{"key", "link", "pub"}, names, "no temporary files left")
+}
