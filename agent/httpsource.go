@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -53,7 +54,8 @@ type HTTPOptions struct {
 // byte not yet delivered with "Range: bytes=N-" (and "If-Range: <ETag>" when the server sent
 // a strong ETag). A resumed response must be 206 with a Content-Range starting exactly at N
 // and the same total length (and ETag), otherwise the read fails instead of splicing
-// different objects. Failures wrap ErrSource.
+// different objects. Failures wrap ErrSource; a 404 or 410 (no such object) also wraps
+// fs.ErrNotExist, as a missing file of a DirSource does.
 type HTTPSource struct {
 	base    *url.URL
 	header  http.Header
@@ -251,8 +253,12 @@ func (r *httpReader) request(first bool) error {
 		return e
 	}
 	switch {
-	case resp.StatusCode == http.StatusNotFound:
-		return fail(false, "%s (no such object)", resp.Status)
+	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusGone:
+		// As from a directory: a missing model.cai is "not a model", a missing shard object
+		// is a corrupt (truncated) model.
+		resp.Body.Close()
+		cancel()
+		return fmt.Errorf("%w: GET %s: %s (no such object): %w", ErrSource, redactQuery(r.url), resp.Status, fs.ErrNotExist)
 	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
 		return fail(true, "%s", resp.Status)
 	case r.pos == 0 && resp.StatusCode == http.StatusOK:

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -212,6 +213,7 @@ func TestHTTPSourceStatus(t *testing.T) {
 	defer ts.Close()
 	_, err = httpSource(t, ts.URL+"/m", HTTPOptions{}).Open(context.Background(), "nothing", 0)
 	require.ErrorIs(t, err, ErrSource)
+	require.ErrorIs(t, err, fs.ErrNotExist) // as from a DirSource
 	require.Equal(t, 1, srv.requests["nothing"])
 
 	// A server that ignores Range cannot serve an offset.

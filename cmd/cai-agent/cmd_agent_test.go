@@ -102,3 +102,44 @@ func TestFetchAndDecryptInterrupted(t *testing.T) {
 	require.Empty(t, out.String())
 	require.NoFileExists(t, in("out/tiny.gguf"))
 }
+
+// A missing object is the same failure from an http(s) source as from a directory: a missing
+// shard is a corrupt (truncated) model, exit 4; a missing model.cai is not a model, exit 5.
+// Nothing is published.
+func TestFetchAndDecryptMissingObject(t *testing.T) {
+	in := tinyEncryptedModel(t, "kbs:///default/model-key/tiny")
+	shards, err := filepath.Glob(in("enc/*.shard"))
+	require.NoError(t, err)
+	require.NotEmpty(t, shards)
+	missing := filepath.Base(shards[0])
+	files := http.FileServer(http.Dir(in("enc")))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/gone/model.cai" || r.URL.Path == "/m/"+missing {
+			http.NotFound(w, r)
+			return
+		}
+		http.StripPrefix("/m", files).ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	require.NoError(t, os.Mkdir(in("dirsrc"), 0o755))
+	require.NoError(t, os.CopyFS(in("dirsrc/m"), os.DirFS(in("enc"))))
+	require.NoError(t, os.Remove(in("dirsrc/m/"+missing)))
+
+	for _, c := range []struct{ source, want string }{
+		{srv.URL + "/m/", missing},
+		{in("dirsrc/m"), missing},
+	} {
+		code, stdout, stderr := runCLI(t, "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+			"--source", c.source, "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline",
+			"--key-file", in("model.key"), "--no-progress", "--source-retries", "0")
+		assert.Equal(t, ExitCorrupt, code, "%s: %s%s", c.source, stdout, stderr)
+		assert.Contains(t, stderr, c.want)
+		assert.NoFileExists(t, in("out/tiny.gguf"))
+	}
+	code, stdout, stderr := runCLI(t, "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+		"--source", srv.URL+"/gone/", "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline",
+		"--key-file", in("model.key"), "--no-progress", "--source-retries", "0")
+	assert.Equal(t, ExitUnsupported, code, "%s%s", stdout, stderr)
+	assert.Contains(t, stderr, "404")
+	assert.NoFileExists(t, in("out/tiny.gguf"))
+}
