@@ -342,3 +342,86 @@ func BenchmarkFetchOnly(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkLoopbackTransfer moves the model's shard objects over loopback with no HTTP and no
+// decryption: the sender sendfile(2)s each object, two connections at a time, the receiver
+// reads into a 1 MiB buffer and discards. tcp against unix (a Unix socket) isolates what the
+// kernel's loopback TCP path costs this machine (cpu-s/op), which is the floor of what
+// fetch-and-decrypt from a loopback HTTP server adds to decryption.
+func BenchmarkLoopbackTransfer(b *testing.B) {
+	dir, _, size := setupBenchModel(b)
+	shards, err := filepath.Glob(filepath.Join(dir, "*.shard"))
+	if err != nil || len(shards) == 0 {
+		b.Fatal("no shards", err)
+	}
+	for _, network := range []string{"tcp", "unix"} {
+		b.Run(network, func(b *testing.B) {
+			addr := "127.0.0.1:0"
+			if network == "unix" {
+				addr = filepath.Join(b.TempDir(), "s")
+			}
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					go func() {
+						defer c.Close()
+						var name [1]byte
+						if _, err := io.ReadFull(c, name[:]); err != nil {
+							return
+						}
+						f, err := os.Open(shards[name[0]])
+						if err != nil {
+							return
+						}
+						defer f.Close()
+						io.Copy(c, f) // sendfile(2)
+					}()
+				}
+			}()
+			b.SetBytes(size)
+			var cm cpuMeter
+			for range b.N {
+				cm.start()
+				work := make(chan int, len(shards))
+				for i := range shards {
+					work <- i
+				}
+				close(work)
+				var wg sync.WaitGroup
+				for range 2 {
+					wg.Go(func() {
+						buf := make([]byte, 1<<20)
+						for i := range work {
+							c, err := net.Dial(network, ln.Addr().String())
+							if err != nil {
+								b.Error(err)
+								return
+							}
+							_, err = c.Write([]byte{byte(i)})
+							if err == nil {
+								_, err = io.CopyBuffer(struct{ io.Writer }{io.Discard}, struct{ io.Reader }{c}, buf)
+							}
+							c.Close()
+							if err != nil {
+								b.Error(err)
+								return
+							}
+						}
+					})
+				}
+				wg.Wait()
+				cm.stop()
+			}
+			cm.report(b)
+			b.ReportMetric(cm.cpu.Seconds()/float64(b.N), "cpu-s/op")
+		})
+	}
+}
