@@ -49,6 +49,7 @@ func UnpackCCZ(ctx context.Context, key []byte, in *ccz.Input, out string, opts 
 
 	infos := make([]FileInfo, 0, len(in.Files))
 	var staged []stagedFile
+	kept := map[string]fileID{} // already published and identical: re-checked by publish
 	for _, e := range in.Files {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -62,7 +63,8 @@ func UnpackCCZ(ctx context.Context, key []byte, in *ccz.Input, out string, opts 
 		if opts.Progress != nil {
 			opts.Progress(int64(len(pt)))
 		}
-		if p.identical(e.Name, int64(len(pt)), sum) {
+		if id, ok := p.identical(e.Name, int64(len(pt)), sum); ok {
+			kept[e.Name] = id
 			res.Skipped++
 			continue
 		}
@@ -91,7 +93,7 @@ func UnpackCCZ(ctx context.Context, key []byte, in *ccz.Input, out string, opts 
 		}
 	}
 	ready := &Ready{Kind: res.Kind, ManifestSHA256: res.ManifestSHA256, ModelSHA256: res.ModelSHA256, Files: infos}
-	if err := p.publish(staged, ready); err != nil {
+	if err := p.publish(staged, kept, ready); err != nil {
 		return nil, err
 	}
 	res.Duration = time.Since(start)

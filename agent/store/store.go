@@ -22,14 +22,17 @@
 //     whatever the umask, so the runtime (often another user) can read them.
 //   - Crash recovery: a rerun (e.g. after kill -9) removes stale staging and completes. Files
 //     already published and identical to the model's are skipped (not decrypted again); a file
-//     owned by another user or writable by group or others is never skipped but replaced. A
-//     publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its rename
-//     (path, size, plaintext SHA-256, and the inode and ctime of the file renamed, taken from a
-//     descriptor opened on it in staging), preceded by an invalidating line before a file is
-//     replaced; the last line per path wins. On tmpfs (TD-private memory, written only by us)
-//     the record plus a size, inode and ctime check establishes "identical" for files over 1 MiB (files up to
-//     1 MiB, such as manifests, are always re-hashed: it is free); on other file systems
-//     (AllowNonTmpfs) the record is not trusted and existing files are re-hashed.
+//     owned by another user or with a mode other than 0644 is never skipped but replaced. Each
+//     skipped file is re-checked through os.Root (same inode, size, ctime, mode and owner) right
+//     before the first manifest rename and again before the ready marker is written; if one
+//     changed, the run fails with ErrChanged and publishes nothing further (a rerun decrypts it
+//     again). A publish record, OUT/.cai-agent/published.jsonl, gets one line per file after its
+//     rename (path, size, plaintext SHA-256, and the inode and ctime of the file renamed, taken
+//     from a descriptor opened on it in staging), preceded by an invalidating line before a file
+//     is replaced; the last line per path wins. On tmpfs (TD-private memory, written only by us)
+//     the record plus a size, inode and ctime check establishes "identical" for files over 1 MiB
+//     (files up to 1 MiB, such as manifests, are always re-hashed: it is free); on other file
+//     systems (AllowNonTmpfs) the record is not trusted and existing files are re-hashed.
 //   - OUT/.cai-agent/ready.json (model name, kind, manifest digests, files) is written after
 //     everything is published and removed before a run publishes anything; a rerun on an
 //     identical, complete OUT is a fast no-op that reports Result.AlreadyPublished.
@@ -46,6 +49,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -82,6 +86,10 @@ var (
 	// ErrForeignFiles means a plain-directory output holds files that are not part of the
 	// model: a runtime loading the directory could pick them up, and they are not measured.
 	ErrForeignFiles = errors.New("store: output directory holds files that are not part of this model")
+	// ErrChanged means a file found already published and identical (so not decrypted again)
+	// was removed, replaced or modified before the run finished publishing. The run stops
+	// before an Ollama manifest or the ready marker vouches for it; a rerun decrypts it again.
+	ErrChanged = errors.New("store: a file found already published changed during the run (a rerun decrypts it again)")
 )
 
 // Options tune Unpack and UnpackCCZ.
@@ -443,43 +451,120 @@ func (p *publisher) compactRecord() error {
 	return p.meta.Rename(RecordFile+".tmp", RecordFile)
 }
 
-// identical reports whether OUT/rel is already the published file with this size and digest.
-func (p *publisher) identical(rel string, size int64, sum [32]byte) bool {
+// fileID is the identity of a published file as identical accepted it (from its Lstat).
+type fileID struct {
+	dev, ino uint64
+	size     int64
+	ctimeNS  int64
+	uid      uint32
+	mode     fs.FileMode
+}
+
+// statID returns fi's identity, or false if fi has no stat_t.
+func statID(fi os.FileInfo) (fileID, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, false
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino, size: fi.Size(), ctimeNS: st.Ctim.Nano(), uid: st.Uid, mode: fi.Mode()}, true
+}
+
+// identical reports whether OUT/rel is already the published file with this size and digest,
+// and if so returns the identity it accepted, which publish re-checks (checkKept) before
+// anything vouches for the file.
+func (p *publisher) identical(rel string, size int64, sum [32]byte) (fileID, bool) {
 	if strings.Split(rel, "/")[0] == MetaDir {
-		return false
+		return fileID{}, false
 	}
 	dst := filepath.FromSlash(rel)
 	st, err := p.root.Lstat(dst)
 	if err != nil || !st.Mode().IsRegular() || st.Size() != size {
-		return false
+		return fileID{}, false
 	}
 	// A file someone else can write may change after this check without a trace in OUT's
-	// directories: not trusted as published, it is replaced by our own copy.
-	if sys, ok := st.Sys().(*syscall.Stat_t); !ok || int(sys.Uid) != os.Geteuid() || st.Mode().Perm()&0o022 != 0 {
-		return false
+	// directories, and one without our mode may be unreadable for the runtime: either is
+	// not trusted as published, it is replaced by our own copy.
+	id, ok := statID(st)
+	if !ok || int(id.uid) != os.Geteuid() || st.Mode().Perm() != filePerm {
+		return fileID{}, false
 	}
 	hexSum := hex.EncodeToString(sum[:])
 	if r := p.record[rel]; p.trustRecord && size > rehashBelow && r.Ino != 0 {
-		ino, ctime := inodeStamp(st)
-		if r.SHA256 == hexSum && r.Size == size && r.Ino == ino && r.CtimeNS == ctime {
-			return true
+		if r.SHA256 == hexSum && r.Size == size && r.Ino == id.ino && r.CtimeNS == id.ctimeNS {
+			return id, true
 		}
 		// Changed since published (or another model's digest): re-hash below.
 	}
 	f, err := p.root.OpenFile(dst, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
-		return false
+		return fileID{}, false
 	}
 	defer f.Close()
 	if fst, err := f.Stat(); err != nil || !os.SameFile(st, fst) {
-		return false
+		return fileID{}, false
 	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
-		return false
+		return fileID{}, false
 	}
-	return hex.EncodeToString(h.Sum(nil)) == hexSum
+	// Changed while it was hashed: the bytes hashed are not (all) the file's, so not identical.
+	fst, err := f.Stat()
+	if err != nil {
+		return fileID{}, false
+	}
+	if got, ok := statID(fst); !ok || got != id {
+		return fileID{}, false
+	}
+	if hex.EncodeToString(h.Sum(nil)) != hexSum {
+		return fileID{}, false
+	}
+	return id, true
 }
+
+// checkKept re-checks, through p.root and without following a symlink, that every file kept
+// as already published (kept: path → the identity identical accepted) is still that regular
+// file: same device, inode, size, ctime, mode and owner. Otherwise (removed, replaced,
+// written, chmod-ed or chown-ed since; `ollama rm` of another model sharing a blob deletes
+// every blob no published manifest references) it fails with ErrChanged naming the file.
+func (p *publisher) checkKept(kept map[string]fileID) error {
+	for _, rel := range slices.Sorted(maps.Keys(kept)) {
+		want := kept[rel]
+		name := filepath.Join(p.out, filepath.FromSlash(rel))
+		st, err := p.root.Lstat(filepath.FromSlash(rel))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("%w: %s: %w", ErrChanged, name, err)
+		}
+		var why string
+		got, ok := fileID{}, false
+		if err == nil {
+			got, ok = statID(st)
+		}
+		switch {
+		case err != nil:
+			why = "was removed"
+		case st.Mode().Type() == fs.ModeSymlink:
+			why = "was replaced by a symlink"
+		case !st.Mode().IsRegular():
+			why = "was replaced by a non-regular file"
+		case !ok || got.dev != want.dev || got.ino != want.ino:
+			why = "was replaced by another file"
+		case got.uid != want.uid || int(got.uid) != os.Geteuid():
+			why = fmt.Sprintf("is now owned by uid %d", got.uid)
+		case got.mode != want.mode || got.mode.Perm()&0o022 != 0:
+			why = fmt.Sprintf("now has mode %v", got.mode.Perm())
+		case got.size != want.size || got.ctimeNS != want.ctimeNS:
+			why = "was modified"
+		default:
+			continue
+		}
+		return fmt.Errorf("%w: %s %s since it was found identical", ErrChanged, name, why)
+	}
+	return nil
+}
+
+// filePerm is the mode of every published file; a file found with another mode is not taken
+// as published (it is replaced).
+const filePerm fs.FileMode = 0o644
 
 // rehashBelow: published files up to this size (manifests, configs, templates) are always
 // re-hashed instead of trusting the record: it costs nothing and covers a small file another
@@ -510,8 +595,10 @@ func stagePath(rel string) string {
 }
 
 // publish renames staged files into place, manifests/... last, recording each, then writes
-// the ready marker.
-func (p *publisher) publish(files []stagedFile, ready *Ready) error {
+// the ready marker. The files kept as already published (not staged; see identical) are
+// re-checked right before the first manifest rename and before the ready marker is written
+// (checkKept); if one changed, nothing more is published.
+func (p *publisher) publish(files []stagedFile, kept map[string]fileID, ready *Ready) error {
 	if err := p.meta.Remove(ReadyFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("store: %w", err)
 	}
@@ -530,6 +617,7 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 			return 1
 		}
 	})
+	keptChecked := false
 	for _, f := range ordered {
 		dst := filepath.FromSlash(f.rel)
 		if err := mkdirAll(p.root, filepath.Dir(dst)); err != nil {
@@ -539,6 +627,14 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 			if err := p.appendRecord(FileInfo{Path: f.rel}); err != nil {
 				return fmt.Errorf("store: record: %w", err)
 			}
+		}
+		// The manifest makes the model complete for Ollama: every blob it names that this run
+		// did not stage must still be the one found identical.
+		if isManifest(f) && !keptChecked {
+			if err := p.checkKept(kept); err != nil {
+				return err
+			}
+			keptChecked = true
 		}
 		st, err := p.rename(f.rel)
 		if err != nil {
@@ -556,6 +652,10 @@ func (p *publisher) publish(files []stagedFile, ready *Ready) error {
 	ready.PublishedAt = time.Now().UTC()
 	b, err := json.MarshalIndent(ready, "", "  ")
 	if err != nil {
+		return err
+	}
+	// The ready marker vouches for every file, the kept ones included.
+	if err := p.checkKept(kept); err != nil {
 		return err
 	}
 	if err := writeFileSync(p.meta, ReadyFile+".tmp", append(b, '\n')); err != nil {
@@ -696,12 +796,12 @@ func (p *publisher) mkStaged(rel string, size int64) (*os.File, error) {
 	if err := p.meta.MkdirAll(filepath.Dir(sp), 0o700); err != nil {
 		return nil, err
 	}
-	f, err := p.meta.OpenFile(sp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := p.meta.OpenFile(sp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, filePerm)
 	if err != nil {
 		return nil, err
 	}
-	// 0644 whatever the umask: the runtime (Ollama, often another user) must read it.
-	if err := f.Chmod(0o644); err != nil {
+	// filePerm whatever the umask: the runtime (Ollama, often another user) must read it.
+	if err := f.Chmod(filePerm); err != nil {
 		f.Close()
 		return nil, err
 	}

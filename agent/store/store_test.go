@@ -98,6 +98,16 @@ func openModel(t *testing.T, key []byte, enc string) *modelcrypt.Model {
 	return m
 }
 
+// encryptedModel encrypts files (name → content) with a new key and opens and unlocks the
+// result.
+func encryptedModel(t *testing.T, files map[string][]byte, opts modelcrypt.EncryptOptions) (key []byte, enc string, m *modelcrypt.Model) {
+	t.Helper()
+	key = newKey(t)
+	_, in := plainTree(t, files)
+	enc = encrypt(t, key, in, opts)
+	return key, enc, openModel(t, key, enc)
+}
+
 // visible lists OUT's files outside .cai-agent, relative, sorted.
 func visible(t *testing.T, out string) []string {
 	t.Helper()
@@ -150,10 +160,7 @@ func TestCheckTmpfs(t *testing.T) {
 }
 
 func TestUnpackFilesRoundTripAndRerun(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := filepath.Join(shmDir(t), "out") // created by Unpack
 	var progress atomic.Int64
 	res, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{VerifyDigests: true, Progress: func(n int64) { progress.Add(n) }})
@@ -200,10 +207,7 @@ func TestUnpackFilesRoundTripAndRerun(t *testing.T) {
 }
 
 func TestUnpackRefusesNonTmpfs(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := filepath.Join(diskDir(t), "out")
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.ErrorIs(t, err, ErrNotTmpfs)
@@ -230,10 +234,7 @@ func TestUnpackRefusesNonTmpfs(t *testing.T) {
 }
 
 func TestLock(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := shmDir(t)
 	p, err := begin(out, Options{})
 	require.NoError(t, err)
@@ -262,10 +263,7 @@ func TestLockedRunLeavesStaging(t *testing.T) {
 }
 
 func TestCorruptPublishesNothing(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	man := m.Manifest()
 	// Corrupt the last file's last shard: every other file decrypts fine first.
 	last := man.Files[len(man.Files)-1]
@@ -289,10 +287,7 @@ func TestCorruptPublishesNothing(t *testing.T) {
 }
 
 func TestBeforePublish(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := shmDir(t)
 	boom := errors.New("measurement failed")
 	var seen *Result
@@ -391,14 +386,12 @@ func TestUnpackOllamaManifestLast(t *testing.T) {
 }
 
 func TestUnpackOllamaManifestReferencesMissingBlob(t *testing.T) {
-	key := newKey(t)
 	blob := []byte("weights")
 	bs := sha256.Sum256(blob)
 	missing := "sha256:" + strings.Repeat("ab", 32)
 	mj := `{"schemaVersion":2,"config":{},"layers":[{"mediaType":"` + ollama.MediaTypeModel + `","digest":"sha256:` + hex.EncodeToString(bs[:]) + `","size":7},{"mediaType":"` + ollama.MediaTypeTemplate + `","digest":"` + missing + `","size":3}]}`
-	_, in := plainTree(t, map[string][]byte{"manifests/h/n/m/t": []byte(mj), "blobs/sha256-" + hex.EncodeToString(bs[:]): blob})
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
-	m := openModel(t, key, enc)
+	files := map[string][]byte{"manifests/h/n/m/t": []byte(mj), "blobs/sha256-" + hex.EncodeToString(bs[:]): blob}
+	_, enc, m := encryptedModel(t, files, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
 	out := shmDir(t)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.ErrorContains(t, err, "references "+missing+", which the encrypted model does not contain")
@@ -406,10 +399,8 @@ func TestUnpackOllamaManifestReferencesMissingBlob(t *testing.T) {
 }
 
 func TestUnpackOllamaRejectsMisnamedBlob(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, map[string][]byte{"manifests/h/n/m/t": []byte(`{}`), "blobs/sha256-" + strings.Repeat("0", 64): []byte("not that digest")})
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
-	m := openModel(t, key, enc)
+	files := map[string][]byte{"manifests/h/n/m/t": []byte(`{}`), "blobs/sha256-" + strings.Repeat("0", 64): []byte("not that digest")}
+	_, enc, m := encryptedModel(t, files, modelcrypt.EncryptOptions{Kind: modelcrypt.KindOllama, OllamaModel: "h/n/m:t"})
 	out := shmDir(t)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.ErrorContains(t, err, "blob named after its content")
@@ -526,20 +517,28 @@ func TestKillChild(t *testing.T) {
 	t.Fatal("the parent should have killed this process")
 }
 
-func TestUnpackCCZ(t *testing.T) {
+// cczFixture loads the CCZoo test input (testdata/ccz/dir), its key and the plaintext files it
+// decrypts to.
+func cczFixture(t *testing.T) (key []byte, in *ccz.Input, want map[string][]byte) {
+	t.Helper()
 	kb, err := os.ReadFile("../../testdata/ccz/key.b64")
 	require.NoError(t, err)
-	key := make([]byte, 32)
+	key = make([]byte, 32)
 	_, err = hexOrB64(strings.TrimSpace(string(kb)), key)
 	require.NoError(t, err)
-	want := map[string][]byte{}
+	want = map[string][]byte{}
 	for _, n := range []string{"config.json", "empty.txt", "model.safetensors", "tokenizer.json"} {
 		b, err := os.ReadFile("../../testdata/ccz/plain/" + n)
 		require.NoError(t, err)
 		want[n] = b
 	}
-	in, err := ccz.Load("../../testdata/ccz/dir", ccz.Options{})
+	in, err = ccz.Load("../../testdata/ccz/dir", ccz.Options{})
 	require.NoError(t, err)
+	return key, in, want
+}
+
+func TestUnpackCCZ(t *testing.T) {
+	key, in, want := cczFixture(t)
 	out := shmDir(t)
 	res, err := UnpackCCZ(context.Background(), key, in, out, Options{}, ccz.Options{})
 	require.NoError(t, err)
@@ -577,11 +576,8 @@ func decodeB64(s string) ([]byte, error) { return base64.StdEncoding.DecodeStrin
 // line for the path matches; an invalidating line (written before a replacing rename, so a
 // crash between rename and record leaves it) makes the rerun decrypt the file again.
 func TestRecordTrust(t *testing.T) {
-	key := newKey(t)
 	files := map[string][]byte{"big.bin": randBytes(rehashBelow + 4096), "small.json": []byte(`{}`)}
-	_, in := plainTree(t, files)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, files, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
 	out := shmDir(t)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
@@ -653,10 +649,7 @@ func TestRecordTrust(t *testing.T) {
 // A symlink planted in OUT by someone else must not make the publisher write outside OUT:
 // neither OUT/.cai-agent (lock, staging, record, ready marker) nor a model file's parent.
 func TestSymlinkInOutDoesNotEscape(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	key, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	outside := shmDir(t)
 
 	// OUT/.cai-agent -> a directory outside OUT.
@@ -698,10 +691,7 @@ func TestSymlinkInOutDoesNotEscape(t *testing.T) {
 // naming them; the model's own files and directories (a rerun) are fine; the Ollama store
 // is shared and not checked.
 func TestForeignFilesRefused(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := shmDir(t)
 	require.NoError(t, os.WriteFile(filepath.Join(out, "stale-00003.safetensors"), []byte("old"), 0o644))
 	require.NoError(t, os.MkdirAll(filepath.Join(out, "sub", "olddir"), 0o755))
@@ -725,11 +715,8 @@ func TestForeignFilesRefused(t *testing.T) {
 // holds the publish record that decides which files are trusted without re-hashing: a forged
 // record must not make a tampered file pass as published. Such a directory is refused.
 func TestForeignMetaDirRefused(t *testing.T) {
-	key := newKey(t)
 	files := map[string][]byte{"big.bin": randBytes(rehashBelow + 4096)}
-	_, in := plainTree(t, files)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, files, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
 	sum := sha256.Sum256(files["big.bin"])
 
 	plant := func(t *testing.T, out string) {

@@ -19,11 +19,8 @@ import (
 // inode we renamed (ours, verified), not whatever the path names a moment later; otherwise a
 // rerun trusts the swapped file from the record and reports the model as already published.
 func TestRecordPinsRenamedInode(t *testing.T) {
-	key := newKey(t)
 	files := map[string][]byte{"big.bin": randBytes(rehashBelow + 4096)}
-	_, in := plainTree(t, files)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, files, modelcrypt.EncryptOptions{ChunkSize: 64 << 10, ShardSize: 1 << 20})
 	out := shmDir(t)
 	big := filepath.Join(out, "big.bin")
 	testHookRenamed = func(rel string) {
@@ -48,10 +45,7 @@ func TestRecordPinsRenamedInode(t *testing.T) {
 // Published files and the directories the publisher creates must be readable by Ollama (often
 // another user) whatever the process umask; nothing is writable by group or others.
 func TestPublishedModesIgnoreUmask(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := shmDir(t)
 	old := syscall.Umask(0o077)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
@@ -79,13 +73,11 @@ func TestPublishedModesIgnoreUmask(t *testing.T) {
 }
 
 // A published file that someone else can write (group/other-writable, or owned by another
-// user) may change after it was checked without leaving a trace: it is not trusted as
-// published but replaced by our own copy.
+// user) may change after it was checked without leaving a trace, and one with a mode other
+// than 0644 may be unreadable for the runtime: neither is trusted as published, each is
+// replaced by our own copy.
 func TestWritableByOthersNotTrusted(t *testing.T) {
-	key := newKey(t)
-	_, in := plainTree(t, testFiles)
-	enc := encrypt(t, key, in, modelcrypt.EncryptOptions{})
-	m := openModel(t, key, enc)
+	_, enc, m := encryptedModel(t, testFiles, modelcrypt.EncryptOptions{})
 	out := shmDir(t)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
@@ -100,6 +92,15 @@ func TestWritableByOthersNotTrusted(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, fs.FileMode(0o644), st.Mode().Perm())
 	requireTree(t, out, testFiles)
+
+	// Nor one the runtime (often another user) could not read.
+	require.NoError(t, os.Chmod(p, 0o600))
+	res, err = Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, res.Files)
+	st, err = os.Stat(p)
+	require.NoError(t, err)
+	assert.Equal(t, fs.FileMode(0o644), st.Mode().Perm())
 
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to chown")

@@ -62,10 +62,11 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 		}
 	}
 
-	skip := map[string]bool{}
+	// Files already published and identical (the identity accepted, re-checked by publish).
+	skip := map[string]fileID{}
 	for _, f := range man.Files {
-		if p.identical(f.Path, f.Size, f.SHA256) {
-			skip[f.Path] = true
+		if id, ok := p.identical(f.Path, f.Size, f.SHA256); ok {
+			skip[f.Path] = id
 		}
 	}
 	res.Skipped = len(skip)
@@ -74,7 +75,7 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 		// model's size.
 		var n int64
 		for _, f := range man.Files {
-			if skip[f.Path] {
+			if _, ok := skip[f.Path]; ok {
 				n += f.Size
 			}
 		}
@@ -94,15 +95,18 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 	stats, err := m.Decrypt(ctx, src, sk, modelcrypt.DecryptOptions{
 		Workers:       opts.Workers,
 		VerifyDigests: opts.VerifyDigests,
-		Skip:          func(f modelcrypt.ManifestFile) bool { return skip[f.Path] },
-		Progress:      opts.Progress,
+		Skip: func(f modelcrypt.ManifestFile) bool {
+			_, ok := skip[f.Path]
+			return ok
+		},
+		Progress: opts.Progress,
 	})
 	if err != nil {
 		return nil, err
 	}
 	var staged []stagedFile
 	for _, f := range man.Files {
-		if skip[f.Path] {
+		if _, ok := skip[f.Path]; ok {
 			continue
 		}
 		if !sk.verified(f.Path) {
@@ -124,7 +128,7 @@ func Unpack(ctx context.Context, m *modelcrypt.Model, src modelcrypt.Source, out
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := p.publish(staged, ready); err != nil {
+	if err := p.publish(staged, skip, ready); err != nil {
 		return nil, err
 	}
 	res.Duration = time.Since(start)
@@ -160,12 +164,12 @@ func checkOllama(man *modelcrypt.Manifest) (string, string, error) {
 // published one when it was skipped as identical, and requires every blob it references to
 // be part of the model (SPEC.md §5.4), so a published manifest never points at a missing
 // blob. The bytes checked are the ones whose SHA-256 the model authenticates.
-func checkOllamaManifest(p *publisher, man *modelcrypt.Manifest, skip map[string]bool) error {
+func checkOllamaManifest(p *publisher, man *modelcrypt.Manifest, skip map[string]fileID) error {
 	n, _ := ollama.ParseName(man.OllamaModel)
 	mp := n.ManifestPath()
 	var b []byte
 	var err error
-	if skip[mp] {
+	if _, ok := skip[mp]; ok {
 		b, err = p.root.ReadFile(filepath.FromSlash(mp))
 	} else {
 		b, err = p.meta.ReadFile(stagePath(mp))
