@@ -16,7 +16,8 @@
 // 12-byte-header AES-256-GCM layout of crypto/ccz.
 //
 // Passport mode sends {"attestation_token": <ITA token>} without Attestation-Type; the token
-// must carry the same user_data as attester_held_data (Options.Passport obtains it).
+// must carry the same user_data as attester_held_data. Options.Passport obtains it; an
+// Appraiser's Token method gets it from Intel Trust Authority's appraisal API v1.
 package ita
 
 import (
@@ -54,8 +55,8 @@ type Options struct {
 	// Nonce makes the client fetch a KBS nonce first and bind it into REPORTDATA.
 	Nonce bool
 	// Passport, when set, selects passport mode: it returns an Intel Trust Authority
-	// attestation token whose attester_held_data is userData (the caller obtains it from
-	// ITA, with a quote whose REPORTDATA it binds as ITA requires).
+	// attestation token whose attester_held_data is userData, obtained from ITA with a quote
+	// whose REPORTDATA binds userData as ITA requires (Appraiser.Token does that).
 	Passport func(ctx context.Context, userData []byte) (string, error)
 	// HTTP configures TLS, timeouts, retries and size limits.
 	HTTP kbc.HTTPOptions

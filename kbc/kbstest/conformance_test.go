@@ -135,6 +135,46 @@ func itaBroker(a evidence.Attester) broker {
 	}
 }
 
+// appraisalKey is the API key of the appraisal server of itaPassportBroker.
+const appraisalKey = "conformance-ita-api-key-0123456789"
+
+// itaPassportBroker is the ITA KBS in passport mode: the client gets its token from the
+// appraisal test server (on the same listener) through an ita.Appraiser.
+func itaPassportBroker(a evidence.Attester) broker {
+	b := itaBroker(a)
+	b.name = "ita-passport"
+	b.handler = func(t *testing.T) (http.Handler, *kbstest.Hooks) {
+		kbs := kbstest.NewITA()
+		require.NoError(t, kbs.SetKey(itaKeyID, secret))
+		app := kbstest.NewITAAppraisal(kbs, appraisalKey)
+		// One set of hooks for both servers (their step names differ).
+		hooks := &kbstest.Hooks{}
+		fwd := kbstest.Hooks{
+			Intercept: func(step string, w http.ResponseWriter, r *http.Request) bool {
+				return hooks.Intercept != nil && hooks.Intercept(step, w, r)
+			},
+			Rewrite: func(step string, body []byte) []byte {
+				if hooks.Rewrite != nil {
+					return hooks.Rewrite(step, body)
+				}
+				return body
+			},
+		}
+		kbs.Hooks, app.Hooks = fwd, fwd
+		return app.Handler(kbs), hooks
+	}
+	b.client = func(t *testing.T, url string, o kbc.HTTPOptions, a evidence.Attester) kbc.Client {
+		ap, err := ita.NewAppraiser(ita.AppraiserOptions{URL: url, APIKey: appraisalKey, Attester: a, HTTP: o})
+		require.NoError(t, err)
+		c, err := ita.New(ita.Options{URL: url, Passport: ap.Token, HTTP: o})
+		require.NoError(t, err)
+		return c
+	}
+	// The nonce is Trust Authority's: a tampered one is refused by the appraisal (400).
+	b.nonceStep, b.nonceClient = kbstest.StepAppraisalNonce, nil
+	return b
+}
+
 // tamperMember flips one bit of a base64url JWE member.
 func tamperMember(t *testing.T, body []byte, member string) []byte {
 	var m map[string]string
@@ -159,7 +199,7 @@ func tamperBytes(t *testing.T, body []byte, member string, off int) []byte {
 func brokers(t *testing.T) []broker {
 	tdx4 := kbstest.TDXAttester{Quote: fixture(t, "trustee-tdx_quote_4.dat"), CCEventLog: []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
 	tdx5 := kbstest.TDXAttester{Quote: fixture(t, "trustee-tdx_quote_5.dat")}
-	b := []broker{trusteeBroker(kbstest.SampleAttester{}), trusteeBroker(tdx4), itaBroker(tdx4)}
+	b := []broker{trusteeBroker(kbstest.SampleAttester{}), trusteeBroker(tdx4), itaBroker(tdx4), itaPassportBroker(tdx5)}
 	v5 := trusteeBroker(tdx5)
 	v5.name = "trustee-tdx-v5"
 	return append(b, v5)

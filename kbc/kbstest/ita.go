@@ -31,7 +31,8 @@ import (
 // check, Intel Trust Authority: it issues HMAC-signed nonces, checks the REPORTDATA binding of
 // TDX quotes (signature NOT verified), verifies its own passport tokens (IssueToken), parses
 // user_data as u32le(e) ‖ big-endian n (more than 2048 bits) and wraps keys for real
-// (RSA-OAEP-SHA-256 SWK, crypto/ccz AES-GCM).
+// (RSA-OAEP-SHA-256 SWK, crypto/ccz AES-GCM). For passport mode, ITAAppraisal plays Trust
+// Authority's appraisal API with this server's keys, so the tokens it issues verify here.
 //
 // As the real KBS (intel/trustauthority-kbs, transport/http/key_transfer.go and
 // service/key_transfer.go) it routes only version-4 UUIDs and POST (else 404/405); wants
@@ -293,12 +294,36 @@ func (s *ITA) nonceMAC(val, iat []byte) []byte {
 	return m.Sum(nil)
 }
 
-func (s *ITA) newNonce() ([]byte, error) {
+// nonceIatLayout is how Intel Trust Authority writes a nonce's iat: Go's time.Time String
+// form, e.g. "2022-08-24 12:36:32.929722075 +0000 UTC" (trustauthority-client-for-go's
+// connector tests).
+const nonceIatLayout = "2006-01-02 15:04:05.999999999 -0700 MST"
+
+// mintNonceAt returns a nonce issued at now as Intel Trust Authority issues them: 64 random
+// bytes, the issue time, a signature (here an HMAC under a key of this server's).
+func (s *ITA) mintNonceAt(now time.Time) itaNonce {
 	val := make([]byte, 64)
 	rand.Read(val)
-	iat := []byte(s.now().UTC().Format(time.RFC3339Nano))
-	return encode(itaNonce{Val: val, Iat: iat, Signature: s.nonceMAC(val, iat)})
+	iat := []byte(now.UTC().Format(nonceIatLayout))
+	return itaNonce{Val: val, Iat: iat, Signature: s.nonceMAC(val, iat)}
 }
+
+// checkNonce verifies n's signature and that it is at most ttl (0 = 5 minutes) old at now.
+func (s *ITA) checkNonce(n *itaNonce, now time.Time, ttl time.Duration) error {
+	if !hmac.Equal(n.Signature, s.nonceMAC(n.Val, n.Iat)) {
+		return errors.New("nonce signature does not verify")
+	}
+	if ttl <= 0 {
+		ttl = 5 * time.Minute
+	}
+	iat, err := time.Parse(nonceIatLayout, string(n.Iat))
+	if err != nil || now.Sub(iat) > ttl {
+		return errors.New("nonce expired")
+	}
+	return nil
+}
+
+func (s *ITA) newNonce() ([]byte, error) { return encode(s.mintNonceAt(s.now())) }
 
 func (s *ITA) checkEvidence(req *transferRequest) error {
 	if len(req.Quote) == 0 || len(req.UserData) == 0 {
@@ -310,16 +335,8 @@ func (s *ITA) checkEvidence(req *transferRequest) error {
 	}
 	h := sha512.New()
 	if req.Nonce != nil {
-		if !hmac.Equal(req.Nonce.Signature, s.nonceMAC(req.Nonce.Val, req.Nonce.Iat)) {
-			return errors.New("nonce signature does not verify")
-		}
-		iat, err := time.Parse(time.RFC3339Nano, string(req.Nonce.Iat))
-		ttl := s.NonceTTL
-		if ttl <= 0 {
-			ttl = 5 * time.Minute
-		}
-		if err != nil || s.now().Sub(iat) > ttl {
-			return errors.New("nonce expired")
+		if err := s.checkNonce(req.Nonce, s.now(), s.NonceTTL); err != nil {
+			return err
 		}
 		h.Write(req.Nonce.Val)
 		h.Write(req.Nonce.Iat)
@@ -333,15 +350,26 @@ func (s *ITA) checkEvidence(req *transferRequest) error {
 	return nil
 }
 
-// IssueToken plays Intel Trust Authority in passport mode: it returns an ES256 token whose
-// attester_held_data is userData, valid for 5 minutes, which this server accepts.
+// IssueToken plays Intel Trust Authority in passport mode without any evidence: it returns an
+// ES256 token whose attester_held_data is userData, valid for 5 minutes, which this server
+// accepts. ITAAppraisal issues such tokens after checking a quote.
 func (s *ITA) IssueToken(userData []byte) (string, error) {
+	return s.issueToken(userData, s.now(), nil)
+}
+
+// issueToken signs a token with attester_type TDX, attester_held_data userData, iat now and
+// exp 5 minutes later, plus the extra claims.
+func (s *ITA) issueToken(userData []byte, now time.Time, extra map[string]any) (string, error) {
 	_, k := s.secrets()
-	now := s.now()
-	return signES256(k, map[string]string{"alg": "ES256", "typ": "JWT"}, map[string]any{
-		"attester_type": "TDX", "attester_held_data": base64.StdEncoding.EncodeToString(userData),
-		"iat": now.Unix(), "exp": now.Add(5 * time.Minute).Unix(),
-	})
+	claims := map[string]any{}
+	for c, v := range extra {
+		claims[c] = v
+	}
+	claims["attester_type"] = "TDX"
+	claims["attester_held_data"] = base64.StdEncoding.EncodeToString(userData)
+	claims["iat"] = now.Unix()
+	claims["exp"] = now.Add(5 * time.Minute).Unix()
+	return signES256(k, map[string]string{"alg": "ES256", "typ": "JWT"}, claims)
 }
 
 // verifyToken checks the signature and expiry of a token from IssueToken and returns its
