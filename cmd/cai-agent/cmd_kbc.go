@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -32,6 +34,7 @@ func kbcCommands() []*cli.Command {
 			Usage: "get one secret from a key broker, proving this TEE",
 			UsageText: "cai-agent get-resource --kbc trustee --kbs-url URL --resource kbs:///repo/type/tag --out FILE [--ca-file FILE] [--insecure-http]\n" +
 				"cai-agent get-resource --kbc ita --kbs-url URL --resource KEY-UUID --out FILE [--ita-nonce]\n" +
+				"cai-agent get-resource --kbc ita --kbs-url URL --ita-appraisal-url URL (--ita-api-key-file FILE | env CAI_ITA_API_KEY) [--ita-policy-id ID]... --resource KEY-UUID --out FILE\n" +
 				"cai-agent get-resource --kbc offline (--key-file FILE | --key-env VAR | --resources FILE|DIR) --resource NAME --out FILE",
 			Description: "Runs the broker's full attestation flow with the TEE selected by --tee (evidence from\n" +
 				"--state-dir) and writes the released secret to --out FILE (created with mode 0600; an existing\n" +
@@ -46,7 +49,8 @@ func kbcCommands() []*cli.Command {
 			Name:  "dev-kbs",
 			Usage: "run a DEVELOPMENT-ONLY key broker on loopback: Trustee (RCAR 0.4.0) or Intel Trust Authority KBS v1",
 			UsageText: "cai-agent dev-kbs [--kbc trustee] [--listen 127.0.0.1:8080] --resource kbs:///repo/type/tag=@FILE [--resource …] [--addr-file FILE]\n" +
-				"cai-agent dev-kbs --kbc ita [--listen 127.0.0.1:8080] --resource KEY-UUID=@FILE [--resource …] [--require-nonce] [--addr-file FILE]",
+				"cai-agent dev-kbs --kbc ita [--listen 127.0.0.1:8080] --resource KEY-UUID=@FILE [--resource …] [--require-nonce] [--addr-file FILE]\n" +
+				"   [--ita-appraisal (--ita-api-key-file FILE | env CAI_ITA_API_KEY) [--ita-policy-id ID]...]",
 			Description: "Serves the given resources over plain HTTP to any client presenting sample or TDX evidence whose\n" +
 				"REPORTDATA binds the session nonce and TEE key (trustee) or the nonce and user_data (ita).\n" +
 				"Quote signatures are NOT verified: this proves nothing and must never hold a real secret.\n" +
@@ -60,6 +64,9 @@ func kbcCommands() []*cli.Command {
 				&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to demand", Value: kbstest.TrusteeVersion},
 				&cli.DurationFlag{Name: "session-timeout", Usage: "trustee: session lifetime", Value: 5 * time.Minute},
 				&cli.BoolFlag{Name: "require-nonce", Usage: "ita: refuse evidence that does not bind a nonce this server issued (as a key-transfer policy can)"},
+				&cli.BoolFlag{Name: "ita-appraisal", Usage: "ita: also serve the Intel Trust Authority appraisal API v1 (/appraisal/v1/nonce, /appraisal/v1/attest) on the same listener, for passport mode"},
+				&cli.StringFlag{Name: "ita-api-key-file", Usage: "ita: with --ita-appraisal, the API key clients must present, read from `FILE` (or set CAI_ITA_API_KEY)"},
+				&cli.StringSliceFlag{Name: "ita-policy-id", Usage: "ita: with --ita-appraisal, an appraisal policy `ID` (UUID) clients may name; it always matches (repeatable)"},
 			},
 			Action: devKBSAction,
 		},
@@ -80,6 +87,11 @@ func kbcClientFlags() []cli.Flag {
 		&cli.StringFlag{Name: "kbs-version", Usage: "trustee: RCAR protocol version to speak (Trustee demands an exact match)", Value: trustee.DefaultVersion},
 		&cli.StringFlag{Name: "tee-key", Usage: "trustee: ephemeral TEE key, ec (P-256, ECDH-ES+A256KW) or rsa (RSA-3072, RSA-OAEP-256)", Value: "ec"},
 		&cli.BoolFlag{Name: "ita-nonce", Usage: "ita: fetch a KBS nonce first and bind it into REPORTDATA"},
+		&cli.StringFlag{Name: "ita-appraisal-url", Usage: "ita: passport mode: get an attestation token from the Intel Trust Authority API at `URL` (e.g. https://api.trustauthority.intel.com) and present it to the KBS"},
+		&cli.StringFlag{Name: "ita-api-key-file", Usage: "ita passport mode: `FILE` holding the Trust Authority attestation API key (or set CAI_ITA_API_KEY)"},
+		&cli.StringSliceFlag{Name: "ita-policy-id", Usage: "ita passport mode: appraisal policy `ID` (UUID) for Trust Authority to evaluate (repeatable)"},
+		&cli.BoolFlag{Name: "ita-policy-must-match", Usage: "ita passport mode: Trust Authority issues no token unless every policy matches"},
+		&cli.StringFlag{Name: "ita-ca-file", Usage: "ita passport mode: trust only the CAs in this PEM `FILE` for the Trust Authority API (default: the system roots; --ca-file is the KBS's)"},
 		&cli.StringFlag{Name: "key-file", Usage: "offline: `FILE` whose bytes are the secret (for any resource name)"},
 		&cli.StringFlag{Name: "key-env", Usage: "offline: environment `VAR` holding std base64 of the secret (for any resource name)"},
 		&cli.StringFlag{Name: "resources", Usage: `offline: JSON file {"repo/type/tag":"<std b64>",…} or directory DIR/repo/type/tag`},
@@ -89,6 +101,112 @@ func kbcClientFlags() []cli.Flag {
 // needsAttester reports whether the client chosen by kbcClientFlags attests (trustee, ita).
 func needsAttester(c *cli.Context) bool { k := c.String("kbc"); return k == "trustee" || k == "ita" }
 
+// itaAPIKeyEnv names the environment variable that may hold the Intel Trust Authority API
+// key itself (never a command-line value: the process list shows those).
+const itaAPIKeyEnv = "CAI_ITA_API_KEY"
+
+// itaPassportFlags are the flags of ITA passport mode besides --ita-appraisal-url.
+var itaPassportFlags = []string{"ita-api-key-file", "ita-policy-id", "ita-policy-must-match", "ita-ca-file"}
+
+// itaFlagGiven reports whether an ITA passport flag has an effect: a non-empty value, or
+// true (an empty CAI_<FLAG> variable, common in deployment templates, does not count).
+func itaFlagGiven(c *cli.Context, name string) bool {
+	switch name {
+	case "ita-policy-id":
+		return len(c.StringSlice(name)) > 0
+	case "ita-policy-must-match":
+		return c.Bool(name)
+	}
+	return c.String(name) != ""
+}
+
+// checkKBCFlags checks the combination of kbcClientFlags without reading any file, so that
+// a command can refuse a bad command line (exit 2) before it opens the TEE.
+func checkKBCFlags(c *cli.Context) error {
+	kind := c.String("kbc")
+	if kind != "offline" && (c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")) {
+		return usagef("--key-file, --key-env and --resources are for --kbc offline")
+	}
+	passport := c.String("ita-appraisal-url") != ""
+	if kind != "ita" {
+		for _, f := range append([]string{"ita-appraisal-url"}, itaPassportFlags...) {
+			if itaFlagGiven(c, f) {
+				return usagef("--%s is for --kbc ita", f)
+			}
+		}
+		return nil
+	}
+	if !passport {
+		for _, f := range itaPassportFlags {
+			if itaFlagGiven(c, f) {
+				return usagef("--%s is for ITA passport mode: give --ita-appraisal-url too", f)
+			}
+		}
+		return nil
+	}
+	if c.Bool("ita-nonce") {
+		return usagef("--ita-nonce is for background-check mode; in passport mode (--ita-appraisal-url) the quote binds Trust Authority's nonce")
+	}
+	if u, err := url.Parse(c.String("ita-appraisal-url")); err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		return usagef("--ita-appraisal-url must be a URL https://host[:port][/prefix] without user info, query or fragment")
+	}
+	if c.String("ita-api-key-file") == "" && os.Getenv(itaAPIKeyEnv) == "" {
+		return usagef("--ita-appraisal-url needs the Trust Authority attestation API key: --ita-api-key-file FILE or the environment variable %s", itaAPIKeyEnv)
+	}
+	return nil
+}
+
+// itaAPIKey returns the Intel Trust Authority API key from --ita-api-key-file or
+// CAI_ITA_API_KEY (exactly one). Errors name the file or variable, never the key.
+func itaAPIKey(c *cli.Context) (string, error) {
+	file, env := c.String("ita-api-key-file"), os.Getenv(itaAPIKeyEnv)
+	switch {
+	case file != "" && env != "":
+		return "", usagef("give the Trust Authority API key once: --ita-api-key-file or %s, not both", itaAPIKeyEnv)
+	case env != "":
+		if !ita.ValidAPIKey(env) {
+			return "", usagef("%s: want one API key of printable ASCII without spaces (at most 4096 bytes)", itaAPIKeyEnv)
+		}
+		return env, nil
+	case file == "":
+		return "", usagef("no Trust Authority API key: give --ita-api-key-file FILE or set %s", itaAPIKeyEnv)
+	}
+	b, err := readKeyFile(file)
+	if err != nil {
+		return "", usagef("--ita-api-key-file: %v", err)
+	}
+	defer clear(b)
+	key := strings.TrimSpace(string(b))
+	if !ita.ValidAPIKey(key) {
+		return "", usagef("--ita-api-key-file %s: want one API key of printable ASCII without spaces (at most 4096 bytes)", file)
+	}
+	return key, nil
+}
+
+// readKeyFile reads a regular file of at most 8 KiB; a FIFO or device is refused at once
+// instead of blocking.
+func readKeyFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 8<<10+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > 8<<10 {
+		clear(b)
+		return nil, fmt.Errorf("%s is larger than 8 KiB", path)
+	}
+	return b, nil
+}
+
 // newKBCClient builds the client chosen by kbcClientFlags. attester is used by trustee and
 // ita (it may be nil for offline).
 func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error) {
@@ -96,10 +214,10 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 	if c.Int("retries") <= 0 {
 		httpOpts.Retries = -1
 	}
-	kind := c.String("kbc")
-	if kind != "offline" && (c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")) {
-		return nil, usagef("--key-file, --key-env and --resources are for --kbc offline")
+	if err := checkKBCFlags(c); err != nil {
+		return nil, err
 	}
+	kind := c.String("kbc")
 	switch kind {
 	case "offline":
 		if c.IsSet("kbs-url") {
@@ -117,6 +235,22 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 		}
 		if attester == nil {
 			return nil, fmt.Errorf("--kbc %s: no evidence provider", kind)
+		}
+		if kind == "ita" && c.String("ita-appraisal-url") != "" {
+			key, err := itaAPIKey(c)
+			if err != nil {
+				return nil, err
+			}
+			// The Trust Authority API has its own CA (public by default); --ca-file is the KBS's.
+			appHTTP := httpOpts
+			appHTTP.CAFile = c.String("ita-ca-file")
+			ap, err := ita.NewAppraiser(ita.AppraiserOptions{URL: c.String("ita-appraisal-url"), APIKey: key,
+				PolicyIDs: c.StringSlice("ita-policy-id"), PolicyMustMatch: c.Bool("ita-policy-must-match"),
+				Attester: attester, HTTP: appHTTP})
+			if err != nil {
+				return nil, err
+			}
+			return ita.New(ita.Options{URL: c.String("kbs-url"), Passport: ap.Token, HTTP: httpOpts})
 		}
 		if kind == "ita" {
 			return ita.New(ita.Options{URL: c.String("kbs-url"), Attester: attester, Nonce: c.Bool("ita-nonce"), HTTP: httpOpts})
@@ -157,6 +291,9 @@ func getResourceAction(c *cli.Context) error {
 		if _, err := os.Lstat(out); err == nil {
 			return usagef("get-resource: --out %s: %v (remove it first)", out, errOutExists)
 		}
+	}
+	if err := checkKBCFlags(c); err != nil {
+		return err
 	}
 	var attester evidence.Attester
 	if needsAttester(c) && c.String("kbs-url") != "" {
@@ -235,7 +372,8 @@ func devKBSAction(c *cli.Context) error {
 		return usagef("dev-kbs: --listen %q is not a loopback address; refusing without --allow-remote", listen)
 	}
 	kind := c.String("kbc")
-	for _, f := range []struct{ name, kbc string }{{"kbs-version", "trustee"}, {"session-timeout", "trustee"}, {"require-nonce", "ita"}} {
+	for _, f := range []struct{ name, kbc string }{{"kbs-version", "trustee"}, {"session-timeout", "trustee"}, {"require-nonce", "ita"},
+		{"ita-appraisal", "ita"}, {"ita-api-key-file", "ita"}, {"ita-policy-id", "ita"}} {
 		if c.IsSet(f.name) && kind != f.kbc {
 			return usagef("dev-kbs: --%s is for --kbc %s", f.name, f.kbc)
 		}
@@ -261,6 +399,26 @@ func devKBSAction(c *cli.Context) error {
 		srv.Log = slog.Default()
 		var ids []string
 		handler, resources = srv, func() []string { return ids }
+		if !c.Bool("ita-appraisal") {
+			for _, f := range []string{"ita-api-key-file", "ita-policy-id"} {
+				if c.IsSet(f) {
+					return usagef("dev-kbs: --%s is for --ita-appraisal", f)
+				}
+			}
+		} else {
+			key, err := itaAPIKey(c)
+			if err != nil {
+				return usagef("dev-kbs: --ita-appraisal: %v", err)
+			}
+			app := kbstest.NewITAAppraisal(srv, key)
+			app.Log = slog.Default()
+			for i, id := range c.StringSlice("ita-policy-id") {
+				if err := app.SetPolicy(id, nil); err != nil {
+					return usagef("dev-kbs: --ita-policy-id #%d is not a UUID (8-4-4-4-12 hex digits)", i+1)
+				}
+			}
+			handler = app.Handler(srv)
+		}
 		set = func(uri string, b []byte) error {
 			id, err := ita.ParseKeyID(uri)
 			if err != nil {
@@ -271,6 +429,10 @@ func devKBSAction(c *cli.Context) error {
 		}
 		// The ITA client wants TDX evidence (the real service appraises TDX quotes only).
 		banner, try = "Intel Trust Authority KBS v1 key transfer", "--tee tdx get-resource --kbc ita --ita-nonce"
+		if c.Bool("ita-appraisal") {
+			banner += ", and Intel Trust Authority appraisal API v1 for passport mode"
+			try = "--tee tdx get-resource --kbc ita --ita-appraisal-url http://ADDR --ita-api-key-file FILE"
+		}
 	default:
 		return usagef("dev-kbs: --kbc must be trustee or ita, not %q", kind)
 	}
@@ -297,7 +459,7 @@ func devKBSAction(c *cli.Context) error {
 	addr := ln.Addr().String()
 	fmt.Fprint(c.App.ErrWriter, devBanner)
 	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: listening on http://%s (%s); resources: %s\n", addr, banner, strings.Join(resources(), " "))
-	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent %s --kbs-url http://%s --insecure-http --resource URI --out FILE\n", try, addr)
+	fmt.Fprintf(c.App.ErrWriter, "dev-kbs: try: cai-agent %s --kbs-url http://%s --insecure-http --resource URI --out FILE\n", strings.ReplaceAll(try, "ADDR", addr), addr)
 	if f := c.String("addr-file"); f != "" {
 		if err := writeFileAtomic(f, []byte(addr+"\n"), 0o644); err != nil {
 			return fmt.Errorf("dev-kbs: --addr-file: %w", err)
