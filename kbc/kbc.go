@@ -106,7 +106,7 @@ func (o HTTPOptions) CertPool() (*x509.CertPool, error) {
 	if o.CAFile == "" {
 		return nil, nil
 	}
-	pem, err := readCAFile(o.CAFile)
+	pem, err := ReadSmallFile(o.CAFile, maxCAFile)
 	if err != nil {
 		return nil, fmt.Errorf("%w: CA file: %w", ErrConfig, err)
 	}
@@ -120,9 +120,11 @@ func (o HTTPOptions) CertPool() (*x509.CertPool, error) {
 // maxCAFile bounds a CA bundle (the system bundles are about 200 KiB).
 const maxCAFile = 4 << 20
 
-// readCAFile reads a regular file of at most maxCAFile bytes; a FIFO or device is refused at
-// once instead of blocking or reading forever.
-func readCAFile(path string) ([]byte, error) {
+// ReadSmallFile reads the regular file at path, of at most limit bytes: a CA bundle, a key
+// or API key file. A FIFO or device is refused at once instead of blocking or reading forever
+// (the open does not block); a larger file is refused (and what was read of it wiped). Errors
+// name the path, never the content.
+func ReadSmallFile(path string, limit int64) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
@@ -133,12 +135,14 @@ func readCAFile(path string) ([]byte, error) {
 	} else if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s is not a regular file", path)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, maxCAFile+1))
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
 	if err != nil {
+		clear(b)
 		return nil, err
 	}
-	if len(b) > maxCAFile {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxCAFile)
+	if int64(len(b)) > limit {
+		clear(b)
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
 	}
 	return b, nil
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/cai-agent/cai-agent/agent/store"
 	"github.com/cai-agent/cai-agent/crypto/ccz"
 	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
+	"github.com/cai-agent/cai-agent/kbc"
 )
 
 // cryptoCommands returns keygen, encrypt, decrypt and inspect.
@@ -133,21 +134,13 @@ func loadKey(c *cli.Context) ([]byte, error) {
 	var raw []byte
 	src := "key file " + file
 	if file != "" {
-		f, err := os.Open(file)
+		var err error
+		raw, err = kbc.ReadSmallFile(file, maxKeyFileSize)
 		if err != nil {
 			return nil, fmt.Errorf("key file: %w", err)
 		}
-		if st, err := f.Stat(); err == nil && st.Mode().Perm()&0o077 != 0 {
+		if st, err := os.Stat(file); err == nil && st.Mode().Perm()&0o077 != 0 {
 			slog.Warn("key file is readable by other users; use mode 0600", "file", file, "mode", st.Mode().Perm().String())
-		}
-		raw, err = io.ReadAll(io.LimitReader(f, maxKeyFileSize+1))
-		f.Close()
-		if err != nil {
-			return nil, fmt.Errorf("key file %s: %w", file, err)
-		}
-		if len(raw) > maxKeyFileSize {
-			clear(raw)
-			return nil, fmt.Errorf("key file %s: larger than %d bytes, not a key", file, maxKeyFileSize)
 		}
 		if len(raw) == modelcrypt.KeySize {
 			return raw, nil

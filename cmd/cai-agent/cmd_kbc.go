@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -13,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -156,6 +154,9 @@ func checkKBCFlags(c *cli.Context) error {
 	return nil
 }
 
+// maxAPIKeyFile bounds an API key file (a key is at most 4096 bytes, plus white space).
+const maxAPIKeyFile = 8 << 10
+
 // itaAPIKey returns the Intel Trust Authority API key from --ita-api-key-file or
 // CAI_ITA_API_KEY (exactly one). Errors name the file or variable, never the key.
 func itaAPIKey(c *cli.Context) (string, error) {
@@ -171,7 +172,7 @@ func itaAPIKey(c *cli.Context) (string, error) {
 	case file == "":
 		return "", usagef("no Trust Authority API key: give --ita-api-key-file FILE or set %s", itaAPIKeyEnv)
 	}
-	b, err := readKeyFile(file)
+	b, err := kbc.ReadSmallFile(file, maxAPIKeyFile)
 	if err != nil {
 		return "", usagef("--ita-api-key-file: %v", err)
 	}
@@ -181,30 +182,6 @@ func itaAPIKey(c *cli.Context) (string, error) {
 		return "", usagef("--ita-api-key-file %s: want one API key of printable ASCII without spaces (at most 4096 bytes)", file)
 	}
 	return key, nil
-}
-
-// readKeyFile reads a regular file of at most 8 KiB; a FIFO or device is refused at once
-// instead of blocking.
-func readKeyFile(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err != nil {
-		return nil, err
-	} else if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, 8<<10+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > 8<<10 {
-		clear(b)
-		return nil, fmt.Errorf("%s is larger than 8 KiB", path)
-	}
-	return b, nil
 }
 
 // newKBCClient builds the client chosen by kbcClientFlags. attester is used by trustee and

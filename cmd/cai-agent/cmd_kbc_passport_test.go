@@ -177,7 +177,7 @@ func TestITAPassportUsageErrors(t *testing.T) {
 		{"key file is a directory", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", filepath.Dir(keyFile)}, "is not a regular file"},
 		{"key with a space", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", spaced}, "want one API key of printable ASCII without spaces"},
 		{"empty key file", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", empty}, "want one API key"},
-		{"huge key file", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", big}, "larger than 8 KiB"},
+		{"huge key file", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", big}, "larger than 8192 bytes"},
 		{"bad env key", "a\tb", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid"}, "CAI_ITA_API_KEY: want one API key"},
 		{"bad policy id", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-policy-id", testAPIKey}, "policy id #1 is not a UUID"},
 	} {
