@@ -3,82 +3,42 @@ package kbstest
 import (
 	"bytes"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 
-	"github.com/google/go-tdx-guest/abi"
-	pb "github.com/google/go-tdx-guest/proto/tdx"
+	"github.com/cai-agent/cai-agent/evidence/verify"
 )
 
-// QuoteReportData returns the 64-byte REPORTDATA of a raw TD quote (v4 or v5), parsed with
-// go-tdx-guest's abi package. The quote's signature and certificate chain are NOT verified:
-// that is the attestation service's job (Trustee's AS, Intel Trust Authority), out of scope
-// for a test broker, which checks only the binding of the nonce and key.
+// QuoteReportData returns the 64-byte REPORTDATA of a raw TD quote (v4 or v5), parsed by
+// evidence/verify (go-tdx-guest's abi). The quote's signature and certificate chain are NOT
+// verified: that is the attestation service's job (Trustee's AS, Intel Trust Authority), out
+// of scope for a test broker, which checks only the binding of the nonce and key.
 func QuoteReportData(raw []byte) ([]byte, error) {
-	b, err := quoteBody(raw)
+	q, err := verify.ParseQuote(raw)
 	if err != nil {
 		return nil, err
 	}
-	rd := b.GetReportData()
-	if len(rd) != 64 {
-		return nil, fmt.Errorf("quote REPORTDATA is %d bytes", len(rd))
-	}
-	return rd, nil
-}
-
-// tdBody is what the TD quote bodies of v4 and v5 quotes have in common.
-type tdBody interface {
-	GetMrSeam() []byte
-	GetTdAttributes() []byte
-	GetXfam() []byte
-	GetMrTd() []byte
-	GetMrConfigId() []byte
-	GetMrOwner() []byte
-	GetMrOwnerConfig() []byte
-	GetRtmrs() [][]byte
-	GetReportData() []byte
-}
-
-// quoteBody parses a raw TD quote (v4 or v5; signature NOT verified) and returns its body.
-func quoteBody(raw []byte) (tdBody, error) {
-	q, err := abi.QuoteToProto(raw)
-	if err != nil {
-		return nil, fmt.Errorf("parse TD quote: %w", err)
-	}
-	switch q := q.(type) {
-	case *pb.QuoteV4:
-		if b := q.GetTdQuoteBody(); b != nil {
-			return b, nil
-		}
-	case *pb.QuoteV5:
-		if b := q.GetTdQuoteBodyDescriptor().GetTdQuoteBodyV5(); b != nil {
-			return b, nil
-		}
-	default:
-		return nil, fmt.Errorf("unsupported quote type %T", q)
-	}
-	return nil, fmt.Errorf("TD quote without a TD body")
+	return q.ReportData, nil
 }
 
 // quoteClaims are the TDX claims Intel Trust Authority puts in a token (model.TDXClaims of
 // intel/trustauthority-kbs), those a quote body gives: hex strings, and tdx_is_debuggable
 // (TUD.DEBUG, bit 0 of TDATTRIBUTES).
-func quoteClaims(b tdBody) map[string]any {
+func quoteClaims(q *verify.Quote) map[string]any {
 	c := map[string]any{
-		"tdx_mrseam":              hex.EncodeToString(b.GetMrSeam()),
-		"tdx_td_attributes":       hex.EncodeToString(b.GetTdAttributes()),
-		"tdx_xfam":                hex.EncodeToString(b.GetXfam()),
-		"tdx_mrtd":                hex.EncodeToString(b.GetMrTd()),
-		"tdx_mrconfigid":          hex.EncodeToString(b.GetMrConfigId()),
-		"tdx_mrowner":             hex.EncodeToString(b.GetMrOwner()),
-		"tdx_mrownerconfig":       hex.EncodeToString(b.GetMrOwnerConfig()),
-		"tdx_report_data":         hex.EncodeToString(b.GetReportData()),
-		"tdx_is_debuggable":       len(b.GetTdAttributes()) > 0 && b.GetTdAttributes()[0]&1 == 1,
-		"tdx_td_attributes_debug": len(b.GetTdAttributes()) > 0 && b.GetTdAttributes()[0]&1 == 1,
+		"tdx_mrseam":              q.MRSEAM.String(),
+		"tdx_td_attributes":       q.TDAttributes.String(),
+		"tdx_xfam":                q.XFAM.String(),
+		"tdx_mrtd":                q.MRTD.String(),
+		"tdx_mrconfigid":          q.MRConfigID.String(),
+		"tdx_mrowner":             q.MROwner.String(),
+		"tdx_mrownerconfig":       q.MROwnerConfig.String(),
+		"tdx_report_data":         q.ReportData.String(),
+		"tdx_is_debuggable":       q.Debug,
+		"tdx_td_attributes_debug": q.Debug,
 	}
-	for i, r := range b.GetRtmrs() {
-		c[fmt.Sprintf("tdx_rtmr%d", i)] = hex.EncodeToString(r)
+	for i, r := range []verify.Hex{q.RTMR0, q.RTMR1, q.RTMR2, q.RTMR3} {
+		c[fmt.Sprintf("tdx_rtmr%d", i)] = r.String()
 	}
 	return c
 }

@@ -124,12 +124,7 @@ func keyError(status int, msg string) error { return handled(status, "0: "+msg) 
 
 // ServeHTTP implements http.Handler.
 func (s *ITA) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	rec := &statusRecorder{ResponseWriter: w, status: 200}
-	start := time.Now()
-	s.serve(rec, r)
-	if s.Log != nil {
-		s.Log.Info("ita kbs request", "method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond))
-	}
+	serveLogged(s.Log, "ita kbs request", w, r, s.serve)
 }
 
 func (s *ITA) serve(w http.ResponseWriter, r *http.Request) {

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/cai-agent/cai-agent/evidence/verify"
 )
 
 // Step names of the ITA appraisal test server, for the Intercept and Rewrite hooks.
@@ -130,16 +132,7 @@ func (a *ITAAppraisal) now() time.Time {
 
 // ServeHTTP implements http.Handler.
 func (a *ITAAppraisal) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	rec := &statusRecorder{ResponseWriter: w, status: 200}
-	start := time.Now()
-	a.serve(rec, r)
-	if a.Log != nil {
-		attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond)}
-		if rec.cause != "" {
-			attrs = append(attrs, "error", rec.cause)
-		}
-		a.Log.Info("ita appraisal request", attrs...)
-	}
+	serveLogged(a.Log, "ita appraisal request", w, r, a.serve)
 }
 
 // appraisalError is an error answer.
@@ -261,7 +254,7 @@ func (a *ITAAppraisal) attest(r *http.Request) ([]byte, error) {
 	default:
 		return nil, badRequest("unsupported token_signing_alg %q", req.TokenSigningAlg)
 	}
-	body, err := quoteBody(req.Quote)
+	q, err := verify.ParseQuote(req.Quote)
 	if err != nil {
 		return nil, badRequest("invalid TDX quote: %v", err)
 	}
@@ -278,11 +271,11 @@ func (a *ITAAppraisal) attest(r *http.Request) ([]byte, error) {
 			h.Write(n.Iat)
 		}
 		h.Write(req.RuntimeData)
-		if !bytes.Equal(body.GetReportData(), h.Sum(nil)) {
+		if !bytes.Equal(q.ReportData, h.Sum(nil)) {
 			return nil, badRequest("TDX quote REPORTDATA is not SHA-512(verifier_nonce.val || verifier_nonce.iat || runtime_data)")
 		}
 	}
-	claims := quoteClaims(body)
+	claims := quoteClaims(q)
 	if n := req.VerifierNonce; n != nil {
 		claims["verifier_nonce"] = n
 	}

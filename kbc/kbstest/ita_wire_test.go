@@ -3,7 +3,6 @@ package kbstest_test
 import (
 	"bytes"
 	"encoding/json"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -58,17 +57,9 @@ func TestITAServerWire(t *testing.T) {
 		{"not a v4 UUID", "POST", "/kbs/v1/keys/6f9a5b3c-2e1d-1c8b-9a7f-0e1d2c3b4a59/transfer", map[string]string{acc: js}, "", 404, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			req, err := http.NewRequest(tc.method, srv.URL+tc.path, strings.NewReader(tc.body))
-			require.NoError(t, err)
-			for k, v := range tc.hdr {
-				req.Header.Set(k, v)
-			}
-			resp, err := http.DefaultClient.Do(req)
-			require.NoError(t, err)
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			require.NoError(t, err)
-			require.Equal(t, tc.status, resp.StatusCode, "%s", b)
+			a := do(t, tc.method, srv.URL+tc.path, tc.hdr, tc.body)
+			b := a.body
+			require.Equal(t, tc.status, a.status, "%s", b)
 			if tc.err == "" {
 				return
 			}

@@ -178,16 +178,23 @@ const maxRequest = 2 << 20
 
 // ServeHTTP implements http.Handler.
 func (t *Trustee) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	serveLogged(t.Log, "kbs request", w, r, t.serve)
+}
+
+// serveLogged runs serve and, with a logger, logs the request: method, path, status, bytes
+// written, duration, and the cause of an error answer.
+func serveLogged(log *slog.Logger, msg string, w http.ResponseWriter, r *http.Request, serve func(http.ResponseWriter, *http.Request)) {
 	rec := &statusRecorder{ResponseWriter: w, status: 200}
 	start := time.Now()
-	t.serve(rec, r)
-	if t.Log != nil {
-		attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond)}
-		if rec.cause != "" {
-			attrs = append(attrs, "error", rec.cause)
-		}
-		t.Log.Info("kbs request", attrs...)
+	serve(rec, r)
+	if log == nil {
+		return
 	}
+	attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status, "bytes", rec.n, "duration", time.Since(start).Round(time.Microsecond)}
+	if rec.cause != "" {
+		attrs = append(attrs, "error", rec.cause)
+	}
+	log.Info(msg, attrs...)
 }
 
 func (t *Trustee) serve(w http.ResponseWriter, r *http.Request) {
