@@ -115,6 +115,9 @@ func fetchAndDecryptAction(c *cli.Context) error {
 	if w := c.Int("workers"); w < 0 || w > maxWorkers {
 		return usagef("fetch-and-decrypt: --workers must be between 0 and %d", maxWorkers)
 	}
+	if err := checkKBCFlags(c); err != nil {
+		return err
+	}
 	var src modelcrypt.Source
 	srcArg := c.String("source")
 	// URL schemes are case-insensitive: HTTPS://… is a URL too, not a local path whose error

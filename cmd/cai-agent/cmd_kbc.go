@@ -122,19 +122,40 @@ func itaFlagGiven(c *cli.Context, name string) bool {
 // a command can refuse a bad command line (exit 2) before it opens the TEE.
 func checkKBCFlags(c *cli.Context) error {
 	kind := c.String("kbc")
+	if kind != "trustee" && kind != "ita" && kind != "offline" {
+		return usagef("--kbc must be trustee, ita or offline, not %q", kind)
+	}
 	if kind != "offline" && (c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")) {
 		return usagef("--key-file, --key-env and --resources are for --kbc offline")
 	}
-	passport := c.String("ita-appraisal-url") != ""
 	if kind != "ita" {
 		for _, f := range append([]string{"ita-appraisal-url"}, itaPassportFlags...) {
 			if itaFlagGiven(c, f) {
 				return usagef("--%s is for --kbc ita", f)
 			}
 		}
+	}
+	if kind == "offline" {
+		if c.IsSet("kbs-url") {
+			return usagef("--kbc offline takes no --kbs-url")
+		}
 		return nil
 	}
-	if !passport {
+	if c.String("kbs-url") == "" {
+		return usagef("--kbc %s needs --kbs-url", kind)
+	}
+	// Refused without repeating the URL: the broker client's error would quote it,
+	// credentials and all.
+	if u, err := url.Parse(c.String("kbs-url")); err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		return usagef("--kbs-url must be a URL https://host[:port][/prefix] without user info, query or fragment")
+	}
+	if kind == "trustee" {
+		if t := c.String("tee-key"); t != "ec" && t != "rsa" {
+			return usagef("--tee-key must be ec or rsa")
+		}
+		return nil
+	}
+	if c.String("ita-appraisal-url") == "" {
 		for _, f := range itaPassportFlags {
 			if itaFlagGiven(c, f) {
 				return usagef("--%s is for ITA passport mode: give --ita-appraisal-url too", f)
@@ -184,8 +205,8 @@ func itaAPIKey(c *cli.Context) (string, error) {
 	return key, nil
 }
 
-// newKBCClient builds the client chosen by kbcClientFlags. attester is used by trustee and
-// ita (it may be nil for offline).
+// newKBCClient builds the client chosen by kbcClientFlags (checked by checkKBCFlags first).
+// attester is used by trustee and ita (it may be nil for offline).
 func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error) {
 	httpOpts := kbc.HTTPOptions{CAFile: c.String("ca-file"), InsecureHTTP: c.Bool("insecure-http"), Timeout: c.Duration("timeout"), Retries: c.Int("retries")}
 	if c.Int("retries") <= 0 {
@@ -197,19 +218,8 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 	kind := c.String("kbc")
 	switch kind {
 	case "offline":
-		if c.IsSet("kbs-url") {
-			return nil, usagef("--kbc offline takes no --kbs-url")
-		}
 		return offline.New(offline.Options{KeyFile: c.String("key-file"), KeyEnv: c.String("key-env"), Resources: c.String("resources")})
 	case "trustee", "ita":
-		if c.String("kbs-url") == "" {
-			return nil, usagef("--kbc %s needs --kbs-url", kind)
-		}
-		// Refused here, without repeating the URL: the broker client's error would quote it,
-		// credentials and all.
-		if u, err := url.Parse(c.String("kbs-url")); err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
-			return nil, usagef("--kbs-url must be a URL https://host[:port][/prefix] without user info, query or fragment")
-		}
 		if attester == nil {
 			return nil, fmt.Errorf("--kbc %s: no evidence provider", kind)
 		}
@@ -233,9 +243,6 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 			return ita.New(ita.Options{URL: c.String("kbs-url"), Attester: attester, Nonce: c.Bool("ita-nonce"), HTTP: httpOpts})
 		}
 		alg := map[string]string{"ec": trustee.AlgECDHES, "rsa": trustee.AlgRSAOAEP256}[c.String("tee-key")]
-		if alg == "" {
-			return nil, usagef("--tee-key must be ec or rsa")
-		}
 		return trustee.New(trustee.Options{URL: c.String("kbs-url"), Attester: attester, Version: c.String("kbs-version"), KeyAlgorithm: alg, HTTP: httpOpts})
 	}
 	return nil, usagef("--kbc must be trustee, ita or offline, not %q", kind)
