@@ -5,8 +5,9 @@
 //
 // The flow, in order (each step is logged with slog and named in a *StepError on failure):
 //
+//	open-model        read and parse the public header (model.cai) from the source, and settle
+//	                  the resource, before anything is measured (a retried failure adds no events)
 //	measure-binaries  OpBinary {"path","sha384"} per Config.MeasureBinaries, before any key request
-//	open-model        read and parse the public header (model.cai) from the source
 //	get-key           Broker.GetResource(Resource or the model's key hint); the broker attests
 //	unlock            check the key commitment and authenticate the manifest; the key is zeroed
 //	decrypt           stream-decrypt, verify and stage every file (store.Unpack)
@@ -191,7 +192,26 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 
-	// 1. Binaries, before anything can release a key.
+	// 1. The public header (no secret; nothing measured yet), so that an unreachable source or
+	// a missing resource fails before RTMR3 is extended: a service manager retrying a broken
+	// configuration must not grow the event log with every attempt.
+	log.Info("opening encrypted model")
+	m, err := modelcrypt.Open(ctx, cfg.Source)
+	if err != nil {
+		return nil, &StepError{StepOpenModel, err}
+	}
+	defer m.Lock()
+	man := m.Manifest()
+	log.Info("encrypted model", "kind", man.Kind, "ollama_model", man.OllamaModel, "files", len(man.Files), "bytes", man.TotalSize(), "key_hint", m.KeyHint())
+	resource := cfg.Resource
+	if resource == "" {
+		resource = m.KeyHint()
+	}
+	if resource == "" {
+		return nil, &StepError{StepGetKey, fmt.Errorf("%w: the model has no key hint; set the resource", ErrConfig)}
+	}
+
+	// 2. Binaries, before anything can release a key.
 	for _, p := range cfg.MeasureBinaries {
 		ev, err := BinaryEvent(p)
 		if err == nil {
@@ -202,24 +222,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 
-	// 2. The public header.
-	log.Info("opening encrypted model")
-	m, err := modelcrypt.Open(ctx, cfg.Source)
-	if err != nil {
-		return nil, &StepError{StepOpenModel, err}
-	}
-	defer m.Lock()
-	man := m.Manifest()
-	log.Info("encrypted model", "kind", man.Kind, "ollama_model", man.OllamaModel, "files", len(man.Files), "bytes", man.TotalSize(), "key_hint", m.KeyHint())
-
 	// 3. The key.
-	resource := cfg.Resource
-	if resource == "" {
-		resource = m.KeyHint()
-	}
-	if resource == "" {
-		return nil, &StepError{StepGetKey, fmt.Errorf("%w: the model has no key hint; set the resource", ErrConfig)}
-	}
 	log.Info("requesting model key", "resource", kbc.Sanitize(resource))
 	key, err := cfg.Broker.GetResource(ctx, resource)
 	if err != nil {

@@ -198,6 +198,10 @@ func TestRunFailures(t *testing.T) {
 	require.NoError(t, err)
 	b[len(b)/2] ^= 0x80
 	require.NoError(t, os.WriteFile(shards[len(shards)-1], b, 0o644))
+	// A model without a key hint: without Config.Resource there is nothing to ask for.
+	noHint := filepath.Join(t.TempDir(), "nohint")
+	_, err = modelcrypt.Encrypt(context.Background(), key, []modelcrypt.InputFile{{Name: "agent_test.go", Path: "agent_test.go"}}, noHint, modelcrypt.EncryptOptions{})
+	require.NoError(t, err)
 
 	for _, tc := range []struct {
 		name      string
@@ -206,6 +210,7 @@ func TestRunFailures(t *testing.T) {
 		tee       *fakeTEE
 		binaries  []string
 		tmpfsOnly bool
+		noMeasure bool // nothing may be measured
 		kind      string
 		step      string
 		is        []error
@@ -219,7 +224,9 @@ func TestRunFailures(t *testing.T) {
 		{name: "missing binary", binaries: []string{"no-such-binary"}, step: StepMeasureBinaries, is: []error{os.ErrNotExist, ErrMeasure}},
 		{name: "model measurement fails", tee: &fakeTEE{failOp: evidence.OpModel}, step: StepMeasureModel, is: []error{evidence.ErrMeasure, ErrMeasure}, calls: 1},
 		{name: "tampered shard", src: tampered, step: StepDecrypt, is: []error{modelcrypt.ErrCorrupt}, calls: 1},
-		{name: "source missing", src: filepath.Join(t.TempDir(), "nothing"), step: StepOpenModel, is: []error{ErrSource}},
+		// Refused before any binary is measured: a retried broken configuration adds no events.
+		{name: "source missing", src: filepath.Join(t.TempDir(), "nothing"), binaries: []string{"agent_test.go"}, step: StepOpenModel, is: []error{ErrSource}, noMeasure: true},
+		{name: "no resource", src: noHint, binaries: []string{"agent_test.go"}, step: StepGetKey, is: []error{ErrConfig}, noMeasure: true},
 		// A plain-files model where the caller expects an Ollama one (checked on the
 		// authenticated manifest: the header may have been swapped after a first read).
 		{name: "unexpected kind", kind: modelcrypt.KindOllama, step: StepUnlock, is: []error{ErrConfig}, calls: 1},
@@ -262,8 +269,8 @@ func TestRunFailures(t *testing.T) {
 			for _, op := range tee.ops() {
 				require.NotEqual(t, evidence.OpModel, op, "model measured although not published")
 			}
-			if tc.tmpfsOnly {
-				require.Empty(t, tee.ops(), "measured before checking the output directory")
+			if tc.tmpfsOnly || tc.noMeasure {
+				require.Empty(t, tee.ops(), "measured before the step that failed")
 			}
 		})
 	}
