@@ -140,10 +140,10 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		}
 		src = hs
 	} else {
-		if c.IsSet("source-ca-file") {
+		if c.String("source-ca-file") != "" {
 			return usagef("--source-ca-file is for an https:// source")
 		}
-		if c.IsSet("source-token-file") {
+		if c.String("source-token-file") != "" {
 			return usagef("--source-token-file is for an http(s):// source")
 		}
 		fi, err := os.Stat(srcArg)

@@ -125,7 +125,8 @@ func checkKBCFlags(c *cli.Context) error {
 	if kind != "trustee" && kind != "ita" && kind != "offline" {
 		return usagef("--kbc must be trustee, ita or offline, not %q", kind)
 	}
-	if kind != "offline" && (c.IsSet("key-file") || c.IsSet("key-env") || c.IsSet("resources")) {
+	// By value, not IsSet: an empty CAI_* variable (a template's default) means not given.
+	if kind != "offline" && (c.String("key-file") != "" || c.String("key-env") != "" || c.String("resources") != "") {
 		return usagef("--key-file, --key-env and --resources are for --kbc offline")
 	}
 	if kind != "ita" {
@@ -136,7 +137,7 @@ func checkKBCFlags(c *cli.Context) error {
 		}
 	}
 	if kind == "offline" {
-		if c.IsSet("kbs-url") {
+		if c.String("kbs-url") != "" {
 			return usagef("--kbc offline takes no --kbs-url")
 		}
 		return nil
