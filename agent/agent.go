@@ -8,6 +8,7 @@
 //	open-model        read and parse the public header (model.cai) from the source, and settle
 //	                  the resource, before anything is measured (a retried failure adds no events)
 //	measure-binaries  OpBinary {"path","sha384"} per Config.MeasureBinaries, before any key request
+//	                  (once per boot with *evidence.Platform: an event its log holds is not repeated)
 //	get-key           Broker.GetResource(Resource or the model's key hint); the broker attests
 //	unlock            check the key commitment and authenticate the manifest; the key is zeroed
 //	decrypt           stream-decrypt, verify and stage every file (store.Unpack)
@@ -98,6 +99,12 @@ type Evidence interface {
 	evidence.Measurer
 }
 
+// measureOncer is implemented by *evidence.Platform: MeasureOnce extends RTMR3 only with an
+// event its log does not hold yet.
+type measureOncer interface {
+	MeasureOnce(ctx context.Context, ev evidence.Event) (digest []byte, measured bool, err error)
+}
+
 // Config configures Run.
 type Config struct {
 	// Source reads the encrypted model: modelcrypt.DirSource(dir) or an *HTTPSource.
@@ -134,6 +141,9 @@ type Measurement struct {
 	Operation string `json:"operation"`
 	Content   string `json:"content"`
 	Digest    string `json:"digest"` // hex SHA-384 extended into RTMR3
+	// AlreadyMeasured: RTMR3's log already held this event (a binary measured by an earlier
+	// run of this boot), so nothing was extended again.
+	AlreadyMeasured bool `json:"already_measured,omitempty"`
 }
 
 // Result summarizes a successful run.
@@ -174,15 +184,33 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	cfg.Source = errSource{cfg.Source}
 	res := &Result{Out: cfg.Out, Measurements: []Measurement{}}
-	measure := func(ctx context.Context, ev evidence.Event) error {
-		d, err := cfg.Evidence.Measure(ctx, ev)
+	// once: an event RTMR3's log already holds is not extended again (if the provider can
+	// tell, see measureOncer), so retried runs do not grow the log.
+	measure := func(ctx context.Context, ev evidence.Event, once bool) error {
+		var (
+			d        []byte
+			measured = true
+			err      error
+		)
+		if mo, ok := cfg.Evidence.(measureOncer); ok && once {
+			d, measured, err = mo.MeasureOnce(ctx, ev)
+		} else {
+			d, err = cfg.Evidence.Measure(ctx, ev)
+		}
 		if err != nil {
 			return err
 		}
-		res.Measurements = append(res.Measurements, Measurement{Operation: ev.Operation, Content: ev.Content, Digest: hex.EncodeToString(d)})
-		log.Debug("measured into RTMR3", "operation", ev.Operation, "content", ev.Content) // evidence.Platform logs it at info
+		res.Measurements = append(res.Measurements, Measurement{Operation: ev.Operation, Content: ev.Content, Digest: hex.EncodeToString(d), AlreadyMeasured: !measured})
+		if measured {
+			log.Debug("measured into RTMR3", "operation", ev.Operation, "content", ev.Content) // evidence.Platform logs it at info
+		} else {
+			log.Info("already measured into RTMR3 this boot; not extended again", "operation", ev.Operation, "content", ev.Content)
+		}
 		return nil
 	}
+	// The model is always measured, even if the log holds the same event: the last Model
+	// event names the model served (an earlier run may have published another since).
+	measureAlways := func(ctx context.Context, ev evidence.Event) error { return measure(ctx, ev, false) }
 
 	// 0. An output directory that is not on tmpfs is refused before anything is measured or
 	// a key requested (store.Unpack checks again, on the directory it opens).
@@ -215,7 +243,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	for _, p := range cfg.MeasureBinaries {
 		ev, err := BinaryEvent(p)
 		if err == nil {
-			err = measure(ctx, ev)
+			err = measure(ctx, ev, true)
 		}
 		if err != nil {
 			return nil, &StepError{StepMeasureBinaries, err}
@@ -253,7 +281,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		VerifyDigests: cfg.VerifyDigests,
 		Workers:       cfg.Workers,
 		BeforePublish: func(ctx context.Context, r *store.Result) error {
-			if err := measureModel(ctx, cfg, r, measure); err != nil {
+			if err := measureModel(ctx, cfg, r, measureAlways); err != nil {
 				modelErr = err
 				return err
 			}
@@ -280,7 +308,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	if r.AlreadyPublished {
 		log.Info("model already published and identical; nothing decrypted", "out", cfg.Out)
-		if err := measureModel(ctx, cfg, r, measure); err != nil {
+		if err := measureModel(ctx, cfg, r, measureAlways); err != nil {
 			return nil, &StepError{StepMeasureModel, err}
 		}
 	}

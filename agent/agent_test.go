@@ -17,6 +17,7 @@ import (
 	"github.com/cai-agent/cai-agent/agent/store"
 	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
 	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/evidence/eventlog"
 	"github.com/cai-agent/cai-agent/kbc"
 )
 
@@ -173,6 +174,52 @@ func TestRunPublishesAndMeasures(t *testing.T) {
 	require.Equal(t, []string{evidence.OpBinary, evidence.OpModel, evidence.OpBinary, evidence.OpModel}, tee.ops())
 	require.Equal(t, res.Measurements[1].Digest, res2.Measurements[1].Digest)
 	requirePublished(t, out, plain)
+}
+
+// With the real evidence platform, a retried run measures each binary once per boot (its log
+// already holds the event) but the model every time: the log grows by one Model event, not by
+// the binaries again, and RTMR3 still replays from it.
+func TestRunRetriedMeasuresBinariesOnce(t *testing.T) {
+	dir, key, _ := testModel(t, 10<<10)
+	ctx := context.Background()
+	tee, err := evidence.Open(ctx, evidence.Options{TEE: evidence.TEESample, StateDir: filepath.Join(t.TempDir(), "state")})
+	require.NoError(t, err)
+	defer tee.Close()
+	cfg := Config{Source: modelcrypt.DirSource(dir), Out: filepath.Join(t.TempDir(), "out"), Evidence: tee,
+		Broker: &fakeBroker{key: key}, MeasureBinaries: []string{"agent_test.go", "agent.go"}, AllowNonTmpfs: true}
+	records := func() []eventlog.Record {
+		b, err := tee.EventLog()
+		require.NoError(t, err)
+		recs, err := eventlog.Parse(b)
+		require.NoError(t, err)
+		return recs
+	}
+	res, err := Run(ctx, cfg)
+	require.NoError(t, err)
+	require.Len(t, records(), 3)
+	for _, m := range res.Measurements {
+		require.False(t, m.AlreadyMeasured)
+	}
+
+	// A failed attempt after the binaries (the broker refuses) and a retry.
+	cfg.Broker = &fakeBroker{err: kbc.ErrRefused}
+	_, err = Run(ctx, cfg)
+	require.ErrorIs(t, err, kbc.ErrRefused)
+	cfg.Broker = &fakeBroker{key: key}
+	res, err = Run(ctx, cfg)
+	require.NoError(t, err)
+	recs := records()
+	require.Len(t, recs, 4, "only the model measured again")
+	require.Equal(t, evidence.OpModel, recs[3].AAEL.Operation)
+	require.Len(t, res.Measurements, 3)
+	require.True(t, res.Measurements[0].AlreadyMeasured)
+	require.True(t, res.Measurements[1].AlreadyMeasured)
+	require.False(t, res.Measurements[2].AlreadyMeasured)
+	r, err := tee.RTMRs()
+	require.NoError(t, err)
+	rep, err := eventlog.Replay(recs)
+	require.NoError(t, err)
+	require.Equal(t, r[3], rep[3][:])
 }
 
 func TestRunBase64Key(t *testing.T) {

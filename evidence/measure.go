@@ -44,13 +44,28 @@ type walRecord struct {
 // anything else is ErrInconsistent. So RTMR3 always replays from the log. It returns the
 // 48-byte digest extended.
 func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
+	d, _, err := p.measure(ctx, ev, false)
+	return d, err
+}
+
+// MeasureOnce is Measure unless this boot's event log already has ev in RTMR3 (a record of
+// the same event, so RTMR3 already commits to it): then it extends nothing and returns the
+// digest with measured false. The check and the extension happen under the platform's lock.
+// It is for events whose repetition says nothing new, such as a binary measured again by a
+// retried run; without it, a job a service manager retries would grow the log each time.
+func (p *Platform) MeasureOnce(ctx context.Context, ev Event) (digest []byte, measured bool, err error) {
+	return p.measure(ctx, ev, true)
+}
+
+func (p *Platform) measure(ctx context.Context, ev Event, once bool) ([]byte, bool, error) {
 	if err := ev.Validate(); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	var digest [48]byte
+	measured := false
 	err := p.lockedCtx(ctx, func() error {
 		if p.regs == nil {
 			return fmt.Errorf("%w: %w", ErrMeasure, p.regsErr)
@@ -80,6 +95,9 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 			}
 			// Verifiers refuse a cc_eventlog of more than MaxRecords records (firmware
 			// and agent together): evidence past this could never be verified.
+			if once && hasRecord(l, ev.Text(), d) {
+				return nil
+			}
 			if len(l.Records) >= MaxOwnRecords || off+int64(len(rec)) > MaxOwnLogSize {
 				return fmt.Errorf("%w: %w: it holds %d measurements in %d bytes, the most a verifiable log leaves room for (%d, %d bytes); refusing to extend RTMR3",
 					ErrMeasure, ErrLogFull, len(l.Records), off, MaxOwnRecords, MaxOwnLogSize)
@@ -101,6 +119,7 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 			if cur, rerr := p.regs.Read(3); rerr == nil && cur == newV {
 				// The extension took effect despite the error; recovery logged it.
 				slog.Warn("RTMR3 extension reported an error but took effect; logged", "err", err)
+				measured = true
 				return nil
 			}
 			return fmt.Errorf("%w: %w", ErrMeasure, err)
@@ -120,14 +139,31 @@ func (p *Platform) Measure(ctx context.Context, ev Event) ([]byte, error) {
 		if err := p.step("clear"); err != nil {
 			return err
 		}
+		measured = true
 		slog.Info("measured into RTMR3", "tee", p.tee, "domain", ev.Domain, "operation", ev.Operation, "content", ev.Content,
 			"digest", hex.EncodeToString(d[:]), "rtmr3", w.New, "via", p.regs.Interface())
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return digest[:], nil
+	return digest[:], measured, nil
+}
+
+// hasRecord reports whether l has an RTMR3 record of the AAEL event text with digest d.
+func hasRecord(l *tcg.Log, text string, d [48]byte) bool {
+	data := tcg.TaggedEvent(text)
+	for _, r := range l.Records {
+		if r.MRIndex != tcg.MRIndexRTMR3 || r.Type != tcg.EvEventTag || !bytes.Equal(r.Data, data) {
+			continue
+		}
+		for _, dg := range r.Digests {
+			if dg.Alg == tcg.AlgSHA384 && bytes.Equal(dg.Sum, d[:]) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (p *Platform) step(name string) error {

@@ -760,3 +760,52 @@ func TestMeasureGivesUpWaiting(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 1, e.k.Extends(), "only the second measurement")
 }
+
+// MeasureOnce extends RTMR3 only for an event its log does not hold yet; Measure always does.
+// A full log still takes a MeasureOnce of an event it holds (nothing to extend).
+func TestMeasureOnce(t *testing.T) {
+	e := newEnv(t)
+	p := e.open(t, TEETDX)
+	ctx := context.Background()
+	bin := Event{Domain: Domain, Operation: OpBinary, Content: `{"path":"/usr/bin/ollama","sha384":"00"}`}
+	d1, measured, err := p.MeasureOnce(ctx, bin)
+	require.NoError(t, err)
+	assert.True(t, measured)
+	r3 := e.k.RTMR(3)
+	d2, measured, err := p.MeasureOnce(ctx, bin)
+	require.NoError(t, err)
+	assert.False(t, measured)
+	assert.Equal(t, d1, d2)
+	assert.Equal(t, r3, e.k.RTMR(3), "nothing extended")
+	log, err := p.EventLog()
+	require.NoError(t, err)
+	l, err := tcg.Walk(log)
+	require.NoError(t, err)
+	assert.Len(t, l.Records, 1)
+
+	// Another event (other content) is measured; Measure repeats an event.
+	other := bin
+	other.Content = `{"path":"/usr/bin/ollama","sha384":"01"}`
+	_, measured, err = p.MeasureOnce(ctx, other)
+	require.NoError(t, err)
+	assert.True(t, measured)
+	_, err = p.Measure(ctx, bin)
+	require.NoError(t, err)
+	log, err = p.EventLog()
+	require.NoError(t, err)
+	l, err = tcg.Walk(log)
+	require.NoError(t, err)
+	assert.Len(t, l.Records, 3)
+
+	// A full log refuses a new event but not one it holds.
+	e = newEnv(t)
+	e.seedOwnLog(t, func(i int) (Event, bool) {
+		return Event{Domain: "example.com", Operation: "Tick", Content: strconv.Itoa(i)}, i < MaxOwnRecords
+	})
+	p = e.open(t, TEETDX)
+	_, measured, err = p.MeasureOnce(ctx, Event{Domain: "example.com", Operation: "Tick", Content: "7"})
+	require.NoError(t, err)
+	assert.False(t, measured)
+	_, _, err = p.MeasureOnce(ctx, Event{Domain: "example.com", Operation: "Tick", Content: "new"})
+	require.ErrorIs(t, err, ErrLogFull)
+}
