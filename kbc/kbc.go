@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/url"
 	"os"
 	"strings"
@@ -122,18 +123,21 @@ const maxCAFile = 4 << 20
 
 // ReadSmallFile reads the regular file at path, of at most limit bytes: a CA bundle, a key
 // or API key file. A FIFO or device is refused at once instead of blocking or reading forever
-// (the open does not block); a larger file is refused (and what was read of it wiped). Errors
-// name the path, never the content.
+// (the open does not block); a larger file is refused (and what was read of it wiped). Every
+// error is an *fs.PathError naming path (never the content); a caller that cannot rule out a
+// secret pasted in place of the path reports its Err alone.
 func ReadSmallFile(path string, limit int64) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err != nil {
+	fi, err := f.Stat()
+	if err != nil {
 		return nil, err
-	} else if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, &fs.PathError{Op: "read", Path: path, Err: errors.New("not a regular file")}
 	}
 	b, err := io.ReadAll(io.LimitReader(f, limit+1))
 	if err != nil {
@@ -142,9 +146,20 @@ func ReadSmallFile(path string, limit int64) ([]byte, error) {
 	}
 	if int64(len(b)) > limit {
 		clear(b)
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
+		return nil, &fs.PathError{Op: "read", Path: path, Err: fmt.Errorf("larger than %d bytes", limit)}
 	}
 	return b, nil
+}
+
+// WithoutPath returns err without the path it names, if it is an *fs.PathError (its Err, e.g.
+// "no such file or directory"), else err: for errors about a file flag that may hold a secret
+// pasted in place of a path (a key given as --key-file KEY would otherwise be repeated).
+func WithoutPath(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
 }
 
 // ResourcePath is a Trustee resource path: kbs:///<repo>/<type>/<tag>.

@@ -19,6 +19,7 @@ import (
 	"github.com/cai-agent/cai-agent/agent/tinyllama"
 	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
 	"github.com/cai-agent/cai-agent/evidence"
+	"github.com/cai-agent/cai-agent/kbc"
 )
 
 // agentCommands returns the CLI commands of this area.
@@ -89,6 +90,18 @@ func withEnv(flags []cli.Flag) []cli.Flag {
 		}
 	}
 	return flags
+}
+
+// stringSlice is c.StringSlice(name) without empty elements: an empty CAI_* variable (a
+// deployment template's default) parses as [""], which means nothing given.
+func stringSlice(c *cli.Context, name string) []string {
+	var out []string
+	for _, s := range c.StringSlice(name) {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 var agentExitCodes = []exitMapping{
@@ -193,7 +206,7 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		Broker:          broker,
 		Resource:        c.String("resource"),
 		Kind:            kind,
-		MeasureBinaries: c.StringSlice("measure-binary"),
+		MeasureBinaries: stringSlice(c, "measure-binary"),
 		AllowNonTmpfs:   c.Bool("allow-non-tmpfs"),
 		VerifyDigests:   c.Bool("verify-digests"),
 		Workers:         c.Int("workers"),
@@ -227,18 +240,15 @@ func sourceHeader(tokenFile string) (http.Header, error) {
 	if tokenFile == "" {
 		return nil, nil
 	}
-	f, err := os.Open(tokenFile)
+	// A regular file of at most 64 KiB (a FIFO does not block); the path is not repeated: it
+	// may be the token pasted in its place.
+	b, err := kbc.ReadSmallFile(tokenFile, 64<<10)
 	if err != nil {
-		return nil, usagef("--source-token-file: %v", err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, 64<<10+1))
-	if err != nil {
-		return nil, usagef("--source-token-file: %v", err)
+		return nil, usagef("--source-token-file: %v (the path is not repeated: it may be a token pasted in its place)", kbc.WithoutPath(err))
 	}
 	defer clear(b)
 	tok := strings.TrimSpace(string(b))
-	if len(b) > 64<<10 || tok == "" || strings.ContainsFunc(tok, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+	if tok == "" || strings.ContainsFunc(tok, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
 		return nil, usagef("--source-token-file %s: want one token of printable ASCII (at most 64 KiB)", tokenFile)
 	}
 	return http.Header{"Authorization": {"Bearer " + tok}}, nil

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -80,6 +81,14 @@ func TestFetchAndDecryptSourceToken(t *testing.T) {
 	assert.Equal(t, ExitUsage, rc, output)
 	assert.Contains(t, output, "badtoken")
 	assert.NotContains(t, output, token)
+	// The token given where its file goes is not repeated; a FIFO there does not block.
+	rc, output = fetch("--source-token-file", token)
+	assert.Equal(t, ExitUsage, rc, output)
+	assert.NotContains(t, output, token)
+	require.NoError(t, syscall.Mkfifo(in("fifo"), 0o600))
+	rc, output = fetch("--source-token-file", in("fifo"))
+	assert.Equal(t, ExitUsage, rc, output)
+	assert.Contains(t, output, "not a regular file")
 	// And a token for a local source is refused.
 	var out, errb bytes.Buffer
 	rc = run(context.Background(), []string{"cai-agent", "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
@@ -142,4 +151,19 @@ func TestFetchAndDecryptMissingObject(t *testing.T) {
 	assert.Equal(t, ExitUnsupported, code, "%s%s", stdout, stderr)
 	assert.Contains(t, stderr, "404")
 	assert.NoFileExists(t, in("out/tiny.gguf"))
+}
+
+// An empty list variable (a deployment template's default: urfave/cli parses it as [""]) is
+// no list: neither an ITA policy id given with another broker nor a binary to measure.
+func TestFetchAndDecryptEmptyListVariables(t *testing.T) {
+	in := tinyEncryptedModel(t, "kbs:///default/model-key/tiny")
+	t.Setenv(itaAPIKeyEnv, "")
+	t.Setenv("CAI_ITA_POLICY_ID", "")
+	t.Setenv("CAI_MEASURE_BINARY", "")
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"cai-agent", "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+		"--source", in("enc"), "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline",
+		"--key-file", in("model.key"), "--no-progress"}, strings.NewReader(""), &out, &errb)
+	require.NotContains(t, errb.String(), "--ita-policy-id is for --kbc ita", "an empty CAI_ITA_POLICY_ID counted as given")
+	require.Equal(t, ExitOK, code, errb.String())
 }

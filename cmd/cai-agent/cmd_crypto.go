@@ -137,7 +137,7 @@ func loadKey(c *cli.Context) ([]byte, error) {
 		var err error
 		raw, err = kbc.ReadSmallFile(file, maxKeyFileSize)
 		if err != nil {
-			return nil, fmt.Errorf("key file: %w", err)
+			return nil, fmt.Errorf("key file: %w (the path is not repeated: it may be a key pasted in its place)", kbc.WithoutPath(err))
 		}
 		if st, err := os.Stat(file); err == nil && st.Mode().Perm()&0o077 != 0 {
 			slog.Warn("key file is readable by other users; use mode 0600", "file", file, "mode", st.Mode().Perm().String())

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -111,7 +110,7 @@ var itaPassportFlags = []string{"ita-api-key-file", "ita-policy-id", "ita-policy
 func itaFlagGiven(c *cli.Context, name string) bool {
 	switch name {
 	case "ita-policy-id":
-		return len(c.StringSlice(name)) > 0
+		return len(stringSlice(c, name)) > 0
 	case "ita-policy-must-match":
 		return c.Bool(name)
 	}
@@ -167,8 +166,14 @@ func checkKBCFlags(c *cli.Context) error {
 	if c.Bool("ita-nonce") {
 		return usagef("--ita-nonce is for background-check mode; in passport mode (--ita-appraisal-url) the quote binds Trust Authority's nonce")
 	}
-	if u, err := url.Parse(c.String("ita-appraisal-url")); err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+	u, err := url.Parse(c.String("ita-appraisal-url"))
+	if err != nil || u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
 		return usagef("--ita-appraisal-url must be a URL https://host[:port][/prefix] without user info, query or fragment")
+	}
+	// The API key travels in every request: --insecure-http (meant for a development KBS)
+	// lets it cross only the loopback interface in clear, as to dev-kbs --ita-appraisal.
+	if strings.EqualFold(u.Scheme, "http") && c.Bool("insecure-http") && !isLoopback(u.Hostname()) {
+		return usagef("--ita-appraisal-url: plain http:// only to a loopback address (the API key would cross the network in clear); use https://")
 	}
 	if c.String("ita-api-key-file") == "" && os.Getenv(itaAPIKeyEnv) == "" {
 		return usagef("--ita-appraisal-url needs the Trust Authority attestation API key: --ita-api-key-file FILE or the environment variable %s", itaAPIKeyEnv)
@@ -196,7 +201,7 @@ func itaAPIKey(c *cli.Context) (string, error) {
 	}
 	b, err := kbc.ReadSmallFile(file, maxAPIKeyFile)
 	if err != nil {
-		return "", usagef("--ita-api-key-file: %v", err)
+		return "", usagef("--ita-api-key-file: %v (the path is not repeated: it may be a key pasted in its place)", kbc.WithoutPath(err))
 	}
 	defer clear(b)
 	key := strings.TrimSpace(string(b))
@@ -233,7 +238,7 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 			appHTTP := httpOpts
 			appHTTP.CAFile = c.String("ita-ca-file")
 			ap, err := ita.NewAppraiser(ita.AppraiserOptions{URL: c.String("ita-appraisal-url"), APIKey: key,
-				PolicyIDs: c.StringSlice("ita-policy-id"), PolicyMustMatch: c.Bool("ita-policy-must-match"),
+				PolicyIDs: stringSlice(c, "ita-policy-id"), PolicyMustMatch: c.Bool("ita-policy-must-match"),
 				Attester: attester, HTTP: appHTTP})
 			if err != nil {
 				return nil, err
@@ -463,29 +468,6 @@ func devKBSAction(c *cli.Context) error {
 	hs.Shutdown(ctx)
 	fmt.Fprintln(c.App.ErrWriter, "dev-kbs: stopped")
 	return nil
-}
-
-// writeFileAtomic replaces path with data through a new temporary file in its directory
-// (a fresh name, O_EXCL: never a symlink planted there) renamed into place.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(perm)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
 }
 
 func isLoopback(host string) bool {

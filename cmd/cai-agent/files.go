@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -42,7 +43,12 @@ func createExclusive(path string, perm os.FileMode, write func(io.Writer) error)
 	if err != nil {
 		return err
 	}
-	return syncDir(dir)
+	// The file is in place and complete; a failed directory sync only risks the entry after
+	// a crash, which a rerun would see as missing.
+	if err := syncDir(dir); err != nil {
+		slog.Warn("created, but syncing the directory failed", "file", path, "err", err)
+	}
+	return nil
 }
 
 // createInPlace creates path with O_EXCL and writes it; on failure path is removed.
@@ -73,6 +79,28 @@ func writeSynced(f *os.File, perm os.FileMode, write func(io.Writer) error) erro
 	return err
 }
 
+// writeFileAtomic replaces path with data through a new temporary file in its directory (a
+// fresh name, O_EXCL, mode perm, synced) renamed into place, so path is never partial. A
+// symlink at path is replaced, not followed; anything else that is not a regular file (a FIFO,
+// a device such as /dev/null) is refused rather than replaced.
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	if st, err := os.Lstat(path); err == nil && !st.Mode().IsRegular() && st.Mode().Type() != fs.ModeSymlink {
+		return fmt.Errorf("%s is a %s, not a regular file; refusing to replace it", path, fileKind(st.Mode()))
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	err = writeSynced(f, perm, func(w io.Writer) error { _, err := w.Write(data); return err })
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
 // syncDir fsyncs a directory, so a new entry in it survives a crash.
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
@@ -84,4 +112,19 @@ func syncDir(dir string) error {
 		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
+}
+
+// fileKind names the type of a file that is not a regular file.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m&fs.ModeNamedPipe != 0:
+		return "named pipe"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
 }

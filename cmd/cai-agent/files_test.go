@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -63,4 +64,38 @@ func TestCreateExclusive(t *testing.T) {
 		names = append(names, e.Name())
 	}
 	assert.ElementsMatch(t, []string{"key", "link", "pub"}, names, "no temporary files left")
+}
+
+// writeFileAtomic (evidence --out) replaces a regular file or a symlink, never writing through
+// the link; a FIFO or a device at the path is refused, not replaced by a regular file.
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "quote")
+	require.NoError(t, writeFileAtomic(p, []byte("one"), 0o644))
+	require.NoError(t, writeFileAtomic(p, []byte("two"), 0o644))
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	assert.Equal(t, "two", string(b))
+
+	victim, link := filepath.Join(dir, "victim"), filepath.Join(dir, "link")
+	require.NoError(t, os.WriteFile(victim, []byte("keep"), 0o644))
+	require.NoError(t, os.Symlink(victim, link))
+	require.NoError(t, writeFileAtomic(link, []byte("new"), 0o644))
+	b, _ = os.ReadFile(victim)
+	assert.Equal(t, "keep", string(b))
+	st, err := os.Lstat(link)
+	require.NoError(t, err)
+	assert.True(t, st.Mode().IsRegular())
+
+	fifo := filepath.Join(dir, "quote.fifo")
+	require.NoError(t, syscall.Mkfifo(fifo, 0o644))
+	err = writeFileAtomic(fifo, []byte("quote"), 0o644)
+	require.ErrorContains(t, err, "is a named pipe, not a regular file")
+	st, err = os.Lstat(fifo)
+	require.NoError(t, err)
+	assert.NotZero(t, st.Mode()&os.ModeNamedPipe, "the FIFO is still there")
+
+	ents, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	assert.Len(t, ents, 4, "no temporary files left")
 }

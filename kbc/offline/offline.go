@@ -66,12 +66,13 @@ func New(o Options) (*Client, error) {
 	}
 	switch {
 	case o.KeyFile != "":
-		b, err := readBounded(o.KeyFile, MaxSecret)
+		// The path is not repeated in errors: it may be a secret pasted in its place.
+		b, err := kbc.ReadSmallFile(o.KeyFile, MaxSecret)
 		if err != nil {
-			return nil, fmt.Errorf("%w: offline: key file: %w", kbc.ErrConfig, err)
+			return nil, fmt.Errorf("%w: offline: key file: %w", kbc.ErrConfig, kbc.WithoutPath(err))
 		}
 		if len(b) == 0 {
-			return nil, fmt.Errorf("%w: offline: key file %s is empty", kbc.ErrConfig, o.KeyFile)
+			return nil, fmt.Errorf("%w: offline: the key file is empty", kbc.ErrConfig)
 		}
 		return &Client{single: b}, nil
 	case o.KeyEnv != "":
@@ -92,7 +93,7 @@ func New(o Options) (*Client, error) {
 	if fi.IsDir() {
 		return &Client{dir: o.Resources}, nil
 	}
-	b, err := readBounded(o.Resources, MaxResources)
+	b, err := kbc.ReadSmallFile(o.Resources, MaxResources)
 	if err != nil {
 		return nil, fmt.Errorf("%w: offline: resources file: %w", kbc.ErrConfig, err)
 	}
@@ -178,18 +179,3 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 	return b, nil
 }
 
-func readBounded(path string, max int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, max+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > max {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, max)
-	}
-	return b, nil
-}
