@@ -178,4 +178,3 @@ func (c *Client) GetResource(ctx context.Context, uri string) ([]byte, error) {
 	}
 	return b, nil
 }
-
