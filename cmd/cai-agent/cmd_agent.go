@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,7 +19,6 @@ import (
 	"github.com/cai-agent/cai-agent/agent/ollama"
 	"github.com/cai-agent/cai-agent/agent/tinyllama"
 	"github.com/cai-agent/cai-agent/crypto/modelcrypt"
-	"github.com/cai-agent/cai-agent/evidence"
 	"github.com/cai-agent/cai-agent/kbc"
 )
 
@@ -92,16 +92,41 @@ func withEnv(flags []cli.Flag) []cli.Flag {
 	return flags
 }
 
-// stringSlice is c.StringSlice(name) without empty elements: an empty CAI_* variable (a
-// deployment template's default) parses as [""], which means nothing given.
-func stringSlice(c *cli.Context, name string) []string {
-	var out []string
-	for _, s := range c.StringSlice(name) {
-		if s != "" {
-			out = append(out, s)
+// stringSlice returns the list flag name. A blank CAI_* variable of the flag (a deployment
+// template's default), which urfave/cli parses as [""], means not given; any other empty
+// element (an explicit --flag "" from an unset shell variable, a trailing comma) is a usage
+// error rather than silently nothing, e.g. no binary measured.
+func stringSlice(c *cli.Context, name string) ([]string, error) {
+	l := c.StringSlice(name)
+	if len(l) == 1 && l[0] == "" && blankEnv(c, name) {
+		return nil, nil
+	}
+	for _, s := range l {
+		if s == "" {
+			return nil, usagef("--%s: an empty value (an unset variable? a trailing comma?)", name)
 		}
 	}
-	return out
+	return l, nil
+}
+
+// blankEnv reports whether the current command's flag name reads an environment variable
+// that is set but blank.
+func blankEnv(c *cli.Context, name string) bool {
+	if c.Command == nil {
+		return false
+	}
+	for _, f := range c.Command.Flags {
+		d, ok := f.(cli.DocGenerationFlag)
+		if !ok || !slices.Contains(f.Names(), name) {
+			continue
+		}
+		for _, e := range d.GetEnvVars() {
+			if v, ok := os.LookupEnv(e); ok && strings.TrimSpace(v) == "" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 var agentExitCodes = []exitMapping{
@@ -129,6 +154,10 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		return usagef("fetch-and-decrypt: --workers must be between 0 and %d", maxWorkers)
 	}
 	if err := checkKBCFlags(c); err != nil {
+		return err
+	}
+	bins, err := stringSlice(c, "measure-binary")
+	if err != nil {
 		return err
 	}
 	var src modelcrypt.Source
@@ -189,7 +218,6 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		}
 	}
 
-	var p *evidence.Platform
 	p, err := openPlatform(c)
 	if err != nil {
 		return fmt.Errorf("open evidence: %w", err)
@@ -206,7 +234,7 @@ func fetchAndDecryptAction(c *cli.Context) error {
 		Broker:          broker,
 		Resource:        c.String("resource"),
 		Kind:            kind,
-		MeasureBinaries: stringSlice(c, "measure-binary"),
+		MeasureBinaries: bins,
 		AllowNonTmpfs:   c.Bool("allow-non-tmpfs"),
 		VerifyDigests:   c.Bool("verify-digests"),
 		Workers:         c.Int("workers"),

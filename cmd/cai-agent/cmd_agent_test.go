@@ -167,3 +167,17 @@ func TestFetchAndDecryptEmptyListVariables(t *testing.T) {
 	require.NotContains(t, errb.String(), "--ita-policy-id is for --kbc ita", "an empty CAI_ITA_POLICY_ID counted as given")
 	require.Equal(t, ExitOK, code, errb.String())
 }
+
+// An explicit empty list element (--measure-binary "$UNSET", a trailing comma) is a usage
+// error, not silently nothing measured.
+func TestFetchAndDecryptExplicitEmptyListElement(t *testing.T) {
+	in := tinyEncryptedModel(t, "kbs:///default/model-key/tiny")
+	for _, bin := range []string{"", in("plain/tiny.gguf") + ","} {
+		code, stdout, stderr := runCLI(t, "--tee", "sample", "--state-dir", in("state"), "fetch-and-decrypt",
+			"--source", in("enc"), "--out", in("out"), "--allow-non-tmpfs", "--kbc", "offline",
+			"--key-file", in("model.key"), "--no-progress", "--measure-binary", bin)
+		require.Equal(t, ExitUsage, code, "--measure-binary %q: %s%s", bin, stdout, stderr)
+		require.Contains(t, stderr, "--measure-binary: an empty value")
+		require.NoFileExists(t, in("out/tiny.gguf"))
+	}
+}

@@ -110,7 +110,8 @@ var itaPassportFlags = []string{"ita-api-key-file", "ita-policy-id", "ita-policy
 func itaFlagGiven(c *cli.Context, name string) bool {
 	switch name {
 	case "ita-policy-id":
-		return len(stringSlice(c, name)) > 0
+		l, err := stringSlice(c, name)
+		return len(l) > 0 || err != nil // an empty element is given (and refused later)
 	case "ita-policy-must-match":
 		return c.Bool(name)
 	}
@@ -237,8 +238,12 @@ func newKBCClient(c *cli.Context, attester evidence.Attester) (kbc.Client, error
 			// The Trust Authority API has its own CA (public by default); --ca-file is the KBS's.
 			appHTTP := httpOpts
 			appHTTP.CAFile = c.String("ita-ca-file")
+			ids, err := stringSlice(c, "ita-policy-id")
+			if err != nil {
+				return nil, err
+			}
 			ap, err := ita.NewAppraiser(ita.AppraiserOptions{URL: c.String("ita-appraisal-url"), APIKey: key,
-				PolicyIDs: stringSlice(c, "ita-policy-id"), PolicyMustMatch: c.Bool("ita-policy-must-match"),
+				PolicyIDs: ids, PolicyMustMatch: c.Bool("ita-policy-must-match"),
 				Attester: attester, HTTP: appHTTP})
 			if err != nil {
 				return nil, err

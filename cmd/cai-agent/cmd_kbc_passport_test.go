@@ -172,6 +172,8 @@ func TestITAPassportUsageErrors(t *testing.T) {
 		{"with ita-nonce", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-nonce"}, "--ita-nonce is for background-check mode"},
 		{"url with query", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid/?key=" + testAPIKey}, "--ita-appraisal-url must be a URL https://host[:port][/prefix] without user info, query or fragment"},
 		{"url with user", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "https://u:" + testAPIKey + "@ita.invalid"}, "without user info"},
+		// An explicit empty id (an unset shell variable) is refused, not dropped.
+		{"empty policy id", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-policy-id", "", "--ita-policy-must-match"}, "--ita-policy-id: an empty value"},
 		{"plain http to a remote host", testAPIKey, []string{"--kbc", "ita", "--ita-appraisal-url", "http://ita.invalid"}, "plain http:// only to a loopback address"},
 		// The key given where its file goes (or CAI_ITA_API_KEY_FILE=KEY) is not repeated.
 		{"key as key file", "", []string{"--kbc", "ita", "--ita-appraisal-url", "https://ita.invalid", "--ita-api-key-file", testAPIKey}, "--ita-api-key-file: no such file or directory"},
