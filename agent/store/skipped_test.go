@@ -61,6 +61,18 @@ var skippedChanges = []struct {
 	}},
 }
 
+// sortedBlobs returns the blobs/ paths of an Ollama model's files, sorted.
+func sortedBlobs(files map[string][]byte) []string {
+	var blobs []string
+	for f := range files {
+		if strings.HasPrefix(f, "blobs/") {
+			blobs = append(blobs, f)
+		}
+	}
+	sort.Strings(blobs)
+	return blobs
+}
+
 // changeSkippedAfterRename arranges for change to be applied to OUT/victim right after trigger
 // (a file this run stages) is renamed into place, i.e. after the run found victim identical
 // and before it publishes anything that vouches for victim.
@@ -96,13 +108,7 @@ func TestSkippedBlobChangedBeforeManifest(t *testing.T) {
 			n, err := ollama.ParseName(name)
 			require.NoError(t, err)
 			manifest := n.ManifestPath()
-			var blobs []string
-			for f := range files {
-				if strings.HasPrefix(f, "blobs/") {
-					blobs = append(blobs, f)
-				}
-			}
-			sort.Strings(blobs)
+			blobs := sortedBlobs(files)
 			require.GreaterOrEqual(t, len(blobs), 2)
 			require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
 			require.NoError(t, os.Remove(filepath.Join(out, filepath.FromSlash(manifest))))
@@ -211,13 +217,7 @@ func TestSkippedBlobChangedWithSkippedManifest(t *testing.T) {
 	out := shmDir(t)
 	_, err := Unpack(context.Background(), m, modelcrypt.DirSource(enc), out, Options{})
 	require.NoError(t, err)
-	var blobs []string
-	for f := range files {
-		if strings.HasPrefix(f, "blobs/") {
-			blobs = append(blobs, f)
-		}
-	}
-	sort.Strings(blobs)
+	blobs := sortedBlobs(files)
 	require.NoError(t, os.Remove(filepath.Join(out, MetaDir, ReadyFile)))
 	require.NoError(t, os.Remove(filepath.Join(out, filepath.FromSlash(blobs[0]))))
 

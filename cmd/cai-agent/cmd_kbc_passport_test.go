@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -112,21 +111,7 @@ func TestFetchAndDecryptITAPassportOnTDX(t *testing.T) {
 		strings.NewReader(""), &out, &errb)
 	require.Equal(t, ExitOK, code, errb.String())
 	require.NotContains(t, errb.String(), testAPIKey)
-	var sum struct {
-		Files        int `json:"files"`
-		Measurements []struct {
-			Operation string `json:"operation"`
-		} `json:"measurements"`
-	}
-	require.NoError(t, json.Unmarshal(out.Bytes(), &sum), out.String())
-	require.Equal(t, 1, sum.Files)
-	require.Len(t, sum.Measurements, 2)
-	require.Equal(t, 2, k.Extends(), "one binary and the model")
-	plain, err := os.ReadFile(in("plain/tiny.gguf"))
-	require.NoError(t, err)
-	got, err := os.ReadFile(in("out/tiny.gguf"))
-	require.NoError(t, err)
-	require.True(t, bytes.Equal(plain, got))
+	requireTDXFetch(t, k, in, out.Bytes())
 	log := stop()
 	require.Contains(t, log, "path=/appraisal/v1/attest status=200")
 	require.Contains(t, log, "/transfer status=200")

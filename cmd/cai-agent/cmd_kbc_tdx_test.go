@@ -129,6 +129,15 @@ func TestFetchAndDecryptITAOnTDX(t *testing.T) {
 		"--kbs-url", "http://" + addr, "--insecure-http", "--measure-binary", in("model.key"), "--no-progress", "--json"},
 		strings.NewReader(""), &out, &errb)
 	require.Equal(t, ExitOK, code, errb.String())
+	requireTDXFetch(t, k, in, out.Bytes())
+	require.Contains(t, stop(), "/transfer status=200")
+}
+
+// requireTDXFetch checks a fetch-and-decrypt --json summary of tinyEncryptedModel on fake TDX
+// with one --measure-binary: one file, one binary and the model measured (two extensions of
+// the fake RTMR3, whose value the summary reports), the plaintext published.
+func requireTDXFetch(t *testing.T, k *rtmrtest.Kernel, in func(string) string, summary []byte) {
+	t.Helper()
 	var sum struct {
 		Files        int    `json:"files"`
 		RTMR3        string `json:"rtmr3"`
@@ -136,7 +145,7 @@ func TestFetchAndDecryptITAOnTDX(t *testing.T) {
 			Operation string `json:"operation"`
 		} `json:"measurements"`
 	}
-	require.NoError(t, json.Unmarshal(out.Bytes(), &sum), out.String())
+	require.NoError(t, json.Unmarshal(summary, &sum), string(summary))
 	require.Equal(t, 1, sum.Files)
 	rtmr3 := k.RTMR(3)
 	require.Equal(t, hex.EncodeToString(rtmr3[:]), sum.RTMR3)
@@ -147,5 +156,4 @@ func TestFetchAndDecryptITAOnTDX(t *testing.T) {
 	got, err := os.ReadFile(in("out/tiny.gguf"))
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(plain, got))
-	require.Contains(t, stop(), "/transfer status=200")
 }
